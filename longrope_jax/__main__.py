@@ -1,0 +1,3 @@
+from longrope_jax.cli import main
+
+raise SystemExit(main())

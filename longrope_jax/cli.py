@@ -1,0 +1,32 @@
+"""`longrope-jax` command line. Subcommands register here, in one place."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from longrope_jax import __version__
+
+
+def _registrars():
+    from longrope_jax import convert
+
+    return {"convert": convert.register_cli}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longrope-jax", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"longrope-jax {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, register in _registrars().items():
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"longrope-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,315 @@
+"""Flax linen LLaMA, numerically the same as `transformers.LlamaForCausalLM` (HF rotate_half layout).
+
+Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`,
+`layers`) and activations use `batch`, `length`; sharding rules map them to mesh axes elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from longrope_jax import attention as attn_lib
+from longrope_jax.rope import RopeScaling, apply_rotary, rope_cos_sin
+
+HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+# HF config keys that carry no information for this port (training/runtime knobs of transformers).
+_HF_IGNORED = {
+    "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "attention_dropout",
+    "pretraining_tp", "_name_or_path", "output_hidden_states", "output_attentions", "return_dict",
+    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
+    "tie_word_embeddings", "model_type", "_attn_implementation_autoset", "auto_map",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: MHA
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    rope_scaling: RopeScaling = RopeScaling()
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral v0.1
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+    model_type: str = "llama"  # HF architecture written on export: llama or mistral
+    # JAX-side settings (not part of the HF config)
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; softmax, norms and RoPE stay float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    attention: str = "dense"
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        if self.num_key_value_heads is None:
+            set_(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            set_(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.eos_token_id, list):
+            set_(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.rope_scaling, dict) or self.rope_scaling is None:
+            set_(self, "rope_scaling", RopeScaling.from_hf(self.rope_scaling))
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"LlamaConfig.{key}: expected a positive integer, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"LlamaConfig.num_key_value_heads: {self.num_key_value_heads} must divide "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"LlamaConfig.model_type: expected one of {sorted(HF_MODEL_TYPES)}, got {self.model_type!r}")
+        for key in ("param_dtype", "dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(f"LlamaConfig.{key}: expected one of {DTYPES}, got {getattr(self, key)!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"LlamaConfig.remat_policy: expected one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
+        if self.attention not in attn_lib.ATTENTION_IMPLS:
+            raise ValueError(f"LlamaConfig.attention: expected one of {attn_lib.ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"LlamaConfig.rope_theta: expected a positive number, got {self.rope_theta!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"LlamaConfig.sliding_window: expected None or a positive integer, got {self.sliding_window!r}")
+        self.rope_scaling.validate(self.head_dim)
+
+    # ---- HF mapping ------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, d: dict, **overrides: Any) -> "LlamaConfig":
+        """From a HF config dict (`config.json` or `transformers.LlamaConfig.to_dict()`).
+
+        Reads `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (4.x). As HF
+        does, a top-level `original_max_position_embeddings` (Phi-3 style) wins over the one in the
+        rope dict, and `max_position_embeddings` fills it when both are absent.
+        `overrides` sets the JAX-side fields (dtype, scan_layers, ...).
+        """
+        model_type = d.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(
+                f"config.json model_type: expected a LLaMA-shaped model {sorted(HF_MODEL_TYPES)}, got {model_type!r}"
+            )
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config.json hidden_act: expected 'silu', got {act!r}")
+        rope = d.get("rope_parameters") or d.get("rope_scaling")
+        rope = dict(rope) if rope else {}
+        theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
+        if d.get("partial_rotary_factor") is not None:
+            rope.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type in ("llama3", "yarn", "longrope", "su"):
+            if d.get("original_max_position_embeddings") is not None:
+                rope["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+            else:
+                rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name not in ("rope_scaling", "rope_theta", "model_type", "dtype")}
+        kw["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", False))
+        return cls(model_type=model_type, rope_theta=float(theta), rope_scaling=RopeScaling.from_hf(rope or None), **{**kw, **overrides})
+
+    def to_hf(self) -> dict:
+        """A config dict `transformers` loads: `rope_parameters` (5.x) plus `rope_theta`/`rope_scaling` (4.x)."""
+        scaling = self.rope_scaling.to_hf(rope_theta=self.rope_theta, head_dim=self.head_dim)
+        theta = self.rope_theta
+        if scaling is not None and scaling.get("rope_type") == "default" and "rope_theta" in scaling:
+            theta = scaling.pop("rope_theta")  # ntk exports as default with a scaled theta
+            scaling = scaling if len(scaling) > 1 else None
+        out = {
+            "architectures": [HF_MODEL_TYPES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "rope_theta": theta,
+            "rope_scaling": scaling,
+            "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": theta},
+        }
+        if self.model_type == "llama":
+            out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        else:
+            out["sliding_window"] = self.sliding_window
+        return out
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+
+def _init(config: LlamaConfig, names: tuple[str, ...], init=None):
+    init = init or nn.initializers.normal(config.initializer_range)
+    return nn.with_logical_partitioning(init, names)
+
+
+class RMSNorm(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        scale = self.param("scale", _init(cfg, ("embed",), nn.initializers.ones), (x.shape[-1],), cfg.jnp_param_dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        return scale.astype(cfg.jnp_dtype) * xf.astype(cfg.jnp_dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxE, cos, sin, positions_BxL, segment_ids_BxL):
+        cfg = self.config
+        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+        def proj(name, heads, axis):
+            return nn.DenseGeneral(
+                (heads, d), use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                kernel_init=_init(cfg, ("embed", axis, "head_dim")),
+                bias_init=_init(cfg, (axis, "head_dim"), nn.initializers.zeros), name=name,
+            )(x_BxLxE)
+
+        q_BxLxHxD = apply_rotary(proj("q_proj", h, "heads"), cos, sin)
+        k_BxLxKxD = apply_rotary(proj("k_proj", kv, "kv_heads"), cos, sin)
+        v_BxLxKxD = proj("v_proj", kv, "kv_heads")
+        q_BxLxHxD = nn.with_logical_constraint(q_BxLxHxD, ("batch", "length", "heads", "head_dim"))
+        mask = attn_lib.attention_mask(positions_BxL, positions_BxL, segment_ids_BxL, segment_ids_BxL, cfg.sliding_window)
+        o_BxLxHxD = attn_lib.dense_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask)
+        return nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype,
+            param_dtype=cfg.jnp_param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
+            bias_init=_init(cfg, ("embed",), nn.initializers.zeros), name="o_proj",
+        )(o_BxLxHxD)
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxE):
+        cfg = self.config
+
+        def dense(name, features, names):
+            return nn.Dense(
+                features, use_bias=cfg.mlp_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                kernel_init=_init(cfg, names), bias_init=_init(cfg, names[1:], nn.initializers.zeros), name=name,
+            )
+
+        gate_BxLxM = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x_BxLxE)
+        up_BxLxM = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x_BxLxE)
+        h_BxLxM = nn.with_logical_constraint(nn.silu(gate_BxLxM) * up_BxLxM, ("batch", "length", "mlp"))
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h_BxLxM)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxE, cos, sin, positions_BxL, segment_ids_BxL):
+        cfg = self.config
+        h = Attention(cfg, name="self_attn")(RMSNorm(cfg, name="input_layernorm")(x_BxLxE), cos, sin, positions_BxL, segment_ids_BxL)
+        x_BxLxE = x_BxLxE + h
+        x_BxLxE = x_BxLxE + MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x_BxLxE))
+        return nn.with_logical_constraint(x_BxLxE, ("batch", "length", "embed")), None
+
+
+class Llama(nn.Module):
+    """LLaMA causal LM. `apply({'params': p}, tokens, positions, segment_ids)` -> float32 logits [B, L, V].
+
+    `positions` default to arange(L); `segment_ids` (default all ones) keep packed documents apart.
+    `rope_scaling` overrides the config's (it may hold traced LongRoPE factors / start_tokens).
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL, positions=None, segment_ids=None, rope_scaling: RopeScaling | None = None):
+        cfg = self.config
+        b, length = tokens_BxL.shape
+        if positions is None:
+            positions = jnp.arange(length, dtype=jnp.int32)
+        positions_BxL = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, length))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, length), jnp.int32)
+        segment_ids_BxL = jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), (b, length))
+
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+            embedding_init=_init(cfg, ("vocab", "embed")), name="embed_tokens",
+        )
+        x_BxLxE = nn.with_logical_constraint(embed(tokens_BxL), ("batch", "length", "embed"))
+        cos, sin = rope_cos_sin(
+            rope_scaling if rope_scaling is not None else cfg.rope_scaling, positions_BxL,
+            head_dim=cfg.head_dim, theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
+        )
+
+        block = DecoderLayer
+        if cfg.remat_policy != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        args = (cos, sin, positions_BxL, segment_ids_BxL)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * len(args), length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            x_BxLxE, _ = stack(x_BxLxE, *args)
+        else:
+            for i in range(cfg.num_hidden_layers):
+                x_BxLxE, _ = block(cfg, name=f"layers_{i}")(x_BxLxE, *args)
+
+        x_BxLxE = RMSNorm(cfg, name="norm")(x_BxLxE)
+        if cfg.tie_word_embeddings:
+            logits_BxLxV = embed.attend(x_BxLxE)
+        else:
+            logits_BxLxV = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                kernel_init=_init(cfg, ("embed", "vocab")), name="lm_head",
+            )(x_BxLxE)
+        logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
+        return logits_BxLxV.astype(jnp.float32)
+
+
+def init_params(config: LlamaConfig, rng: jax.Array, length: int = 8) -> dict:
+    """Unboxed random parameters (for sharded init see the parallel module)."""
+    tokens = jnp.zeros((1, length), jnp.int32)
+    return nn.meta.unbox(Llama(config).init(rng, tokens)["params"])
