@@ -237,17 +237,26 @@ class RopeScaling:
 
 
 # ---- frequencies ------------------------------------------------------------------------------
+# Static parts are computed in numpy with torch's rounding: float32 element-wise ops, but
+# `python_float ** float32_tensor` evaluated in float64 and rounded once. That keeps us within a few
+# ulp of transformers even where float32 cancellation amplifies differences (llama3's smooth band).
+
+_f32 = np.float32
 
 
-def _exponents(d: int) -> jax.Array:
+def _exponents(d: int) -> np.ndarray:
     # HF: arange(0, d, 2, int64).float() / d, in float32.
-    return jnp.arange(0, d, 2, dtype=jnp.float32) / jnp.float32(d)
+    return np.arange(0, d, 2).astype(_f32) / _f32(d)
+
+
+def _pow(theta: float, d: int) -> np.ndarray:
+    """theta ** (2i/d), float32, rounded from float64 as torch does for a Python-scalar base."""
+    return (np.float64(theta) ** _exponents(d).astype(np.float64)).astype(_f32)
 
 
 def default_inv_freq(head_dim: int, theta: float, partial_rotary_factor: float = 1.0) -> jax.Array:
     """Plain RoPE: 1 / theta**(2i/d), i < d/2."""
-    d = int(head_dim * partial_rotary_factor)
-    return 1.0 / (jnp.float32(theta) ** _exponents(d))
+    return jnp.asarray(_f32(1.0) / _pow(theta, int(head_dim * partial_rotary_factor)))
 
 
 def ntk_theta(scaling: RopeScaling, *, head_dim: int, theta: float) -> float:
@@ -279,23 +288,22 @@ def _yarn(s: RopeScaling, d: int, theta: float, max_pos: int):
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001
-    ramp = jnp.clip((jnp.arange(d // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
-    keep = 1 - ramp  # 1 = extrapolate (original), 0 = interpolate (/factor)
-    pos_freqs = jnp.float32(theta) ** _exponents(d)
-    inv = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
-    return inv, float(att)
+    ramp = np.clip((np.arange(d // 2, dtype=_f32) - _f32(low)) / _f32(high - low), 0, 1)
+    keep = _f32(1) - ramp  # 1 = extrapolate (original), 0 = interpolate (/factor)
+    pos_freqs = _pow(theta, d)
+    inv = (_f32(1) / (_f32(factor) * pos_freqs)) * (_f32(1) - keep) + (_f32(1) / pos_freqs) * keep
+    return jnp.asarray(inv), float(att)
 
 
 def _llama3(s: RopeScaling, d: int, theta: float):
-    inv = 1.0 / (jnp.float32(theta) ** _exponents(d))
-    lo = s.original_max_position_embeddings
-    low_wl, high_wl = lo / s.low_freq_factor, lo / s.high_freq_factor
-    wl = 2 * math.pi / inv
-    scaled = jnp.where(wl > low_wl, inv / s.factor, inv)
-    smooth = (lo / wl - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-    medium = ~(wl < high_wl) & ~(wl > low_wl)
-    return jnp.where(medium, smoothed, scaled), 1.0
+    inv = _f32(1) / _pow(theta, d)
+    lo, low, high, factor = s.original_max_position_embeddings, s.low_freq_factor, s.high_freq_factor, _f32(s.factor)
+    wl = _f32(2 * math.pi) / inv
+    scaled = np.where(wl > lo / low, inv / factor, inv)
+    smooth = (_f32(lo) / wl - _f32(low)) / _f32(high - low)
+    smoothed = (_f32(1) - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wl < lo / high) & ~(wl > lo / low)
+    return jnp.asarray(np.where(medium, smoothed, scaled)), 1.0
 
 
 def longrope_attention_scale(s: RopeScaling, max_position_embeddings: int) -> float:
@@ -312,6 +320,18 @@ def use_long_factors(scaling: RopeScaling, seq_len):
     if seq_len is None:
         return False
     return seq_len > scaling.original_max_position_embeddings
+
+
+def _dynamic(s: RopeScaling, d: int, theta: float, max_pos: int, seq_len):
+    f = s.factor
+    if seq_len is None or not (_is_traced(seq_len) or isinstance(seq_len, jax.Array)):
+        n = max_pos if seq_len is None else max(int(seq_len), max_pos)
+        base = theta * ((f * n / max_pos) - (f - 1)) ** (d / (d - 2))
+        return jnp.asarray(_f32(1) / _pow(base, d))
+    # Traced length: float32 throughout (a few ulp from HF's float64 base).
+    n = jnp.maximum(jnp.asarray(seq_len, jnp.float32), max_pos)
+    base = theta * ((f * n / max_pos) - (f - 1)) ** (d / (d - 2))
+    return 1.0 / (base ** jnp.asarray(_exponents(d)))
 
 
 def frequencies(
@@ -333,31 +353,23 @@ def frequencies(
     if t == "default":
         return default_inv_freq(head_dim, theta, scaling.partial_rotary_factor), 1.0
     if t == "linear":
-        return default_inv_freq(head_dim, theta, scaling.partial_rotary_factor) / scaling.factor, 1.0
+        return jnp.asarray(_f32(1) / _pow(theta, d) / _f32(scaling.factor)), 1.0
     if t == "ntk":
-        return 1.0 / (jnp.float32(ntk_theta(scaling, head_dim=head_dim, theta=theta)) ** _exponents(d)), 1.0
+        return jnp.asarray(_f32(1) / _pow(ntk_theta(scaling, head_dim=head_dim, theta=theta), d)), 1.0
     if t == "dynamic":
-        f, lc = scaling.factor, max_position_embeddings
-        if seq_len is None or not (_is_traced(seq_len) or isinstance(seq_len, jax.Array)):
-            n = lc if seq_len is None else max(int(seq_len), lc)
-            base = jnp.float32(theta * ((f * n / lc) - (f - 1)) ** (d / (d - 2)))
-        else:
-            n = jnp.maximum(jnp.asarray(seq_len, jnp.float32), lc)
-            base = theta * ((f * n / lc) - (f - 1)) ** (d / (d - 2))
-        return 1.0 / (base ** _exponents(d)), 1.0
+        return _dynamic(scaling, d, theta, max_position_embeddings, seq_len), 1.0
     if t == "yarn":
         return _yarn(scaling, d, theta, max_position_embeddings)
     if t == "llama3":
         return _llama3(scaling, d, theta)
-    # longrope
+    # longrope: factors may be traced, so the select and the division are jnp.
     att = longrope_attention_scale(scaling, max_position_embeddings)
-    short = jnp.asarray(scaling.short_factor, jnp.float32)
-    long = jnp.asarray(scaling.long_factor, jnp.float32)
     long_now = use_long_factors(scaling, seq_len)
-    ext = jnp.where(long_now, long, short) if _is_traced(long_now) or isinstance(long_now, jax.Array) else (
-        long if long_now else short
-    )
-    return 1.0 / (ext * jnp.float32(theta) ** _exponents(d)), att
+    if _is_traced(long_now) or isinstance(long_now, jax.Array):
+        ext = jnp.where(long_now, jnp.asarray(scaling.long_factor, jnp.float32), jnp.asarray(scaling.short_factor, jnp.float32))
+    else:
+        ext = jnp.asarray(scaling.long_factor if long_now else scaling.short_factor, jnp.float32)
+    return 1.0 / (ext * jnp.asarray(_pow(theta, d))), att
 
 
 # ---- cos / sin and rotation ---------------------------------------------------------------------
