@@ -247,3 +247,20 @@ def test_config_rejects_bad_jax_settings():
         _tiny(attention="magic")
     with pytest.raises(ValueError, match="rope_scaling.short_factor: has 8 values; expected rotary_dim/2 = 4"):
         dataclasses.replace(_tiny(), head_dim=8)
+
+
+def test_mistral_sliding_window_matches_transformers(tmp_path):
+    cfg = transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=MAX_POS, sliding_window=8, rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    config, params = load_hf(tmp_path)
+    assert config.model_type == "mistral" and config.sliding_window == 8
+    tokens = tokens_of(30)
+    ours = Llama(config).apply({"params": params}, jnp.asarray(tokens))
+    assert_close(ours, hf_logits(model, tokens))
+    unwindowed = Llama(dataclasses.replace(config, sliding_window=None)).apply({"params": params}, jnp.asarray(tokens))
+    assert not np.allclose(unwindowed[:, 8:], ours[:, 8:], atol=1e-4)
