@@ -25,14 +25,6 @@ REMAT_POLICIES = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
-# HF config keys that carry no information for this port (training/runtime knobs of transformers).
-_HF_IGNORED = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "attention_dropout",
-    "pretraining_tp", "_name_or_path", "output_hidden_states", "output_attentions", "return_dict",
-    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
-    "tie_word_embeddings", "model_type", "_attn_implementation_autoset", "auto_map",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -128,9 +120,13 @@ class LlamaConfig:
                 rope["original_max_position_embeddings"] = d["original_max_position_embeddings"]
             else:
                 rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
-        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name not in ("rope_scaling", "rope_theta", "model_type", "dtype")}
-        kw["tie_word_embeddings"] = bool(d.get("tie_word_embeddings", False))
-        return cls(model_type=model_type, rope_theta=float(theta), rope_scaling=RopeScaling.from_hf(rope or None), **{**kw, **overrides})
+        hf_only = ("rope_scaling", "rope_theta", "model_type", "dtype", "param_dtype", "scan_layers", "remat_policy", "attention")
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name not in hf_only}
+        kw.update(
+            model_type=model_type, rope_theta=float(theta), rope_scaling=RopeScaling.from_hf(rope or None),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        )
+        return cls(**{**kw, **overrides})
 
     def to_hf(self) -> dict:
         """A config dict `transformers` loads: `rope_parameters` (5.x) plus `rope_theta`/`rope_scaling` (4.x)."""

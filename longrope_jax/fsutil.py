@@ -1,0 +1,55 @@
+"""Write a directory atomically: build it in a temporary sibling, then rename it into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def check_destination(dst: Path, overwrite: bool) -> None:
+    """Fail early, before any work, when `dst` may not be (re)placed."""
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{dst}: already exists; pass overwrite=True (--overwrite) to replace it")
+        if not dst.is_dir() or dst.is_symlink():
+            raise FileExistsError(f"{dst}: exists and is not a directory; refusing to replace it")
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: Path, overwrite: bool = False):
+    """Yield an empty temporary directory next to `dst`; on success it becomes `dst`.
+
+    On any error the temporary directory is removed and `dst` is left as it was. With `overwrite`,
+    an existing `dst` is first renamed aside, and renamed back if the final rename fails, so at every
+    moment either the old or the new directory is at `dst`.
+    """
+    dst = Path(dst)
+    check_destination(dst, overwrite)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so the final rename stays on one filesystem (and so is atomic).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        _swap_into_place(tmp, dst, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
+    check_destination(dst, overwrite)  # again: dst may have appeared while we were writing
+    if not dst.exists():
+        os.rename(tmp, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.rename(dst, old / dst.name)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(old / dst.name, dst)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
