@@ -264,3 +264,15 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
     assert_close(ours, hf_logits(model, tokens))
     unwindowed = Llama(dataclasses.replace(config, sliding_window=None)).apply({"params": params}, jnp.asarray(tokens))
     assert not np.allclose(unwindowed[:, 8:], ours[:, 8:], atol=1e-4)
+
+
+def test_static_ntk_model_matches_transformers_at_the_exported_theta(tmp_path):
+    # transformers has no "ntk" type: it runs as plain RoPE with base theta * s**(d/(d-2)).
+    ntk = RopeScaling("ntk", factor=4.0)
+    exported = ntk.to_hf(rope_theta=10000.0, head_dim=16)
+    model = make_hf(tmp_path, None, rope_theta=exported["rope_theta"])
+    config, params = load_hf(tmp_path)
+    config = dataclasses.replace(config, rope_theta=10000.0, rope_scaling=ntk)
+    assert config.to_hf()["rope_theta"] == pytest.approx(exported["rope_theta"])
+    tokens = tokens_of(48)
+    assert_close(Llama(config).apply({"params": params}, jnp.asarray(tokens)), hf_logits(model, tokens))
