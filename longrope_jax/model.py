@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from longrope_jax import attention as attn_lib
+from longrope_jax.parallel import DEFAULT_RULES
 from longrope_jax.rope import RopeScaling, apply_rotary, rope_cos_sin
 
 HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -172,6 +173,13 @@ class LlamaConfig:
         return jnp.dtype(self.param_dtype)
 
 
+def _constrain(module, x, names):
+    if module.mesh is None:
+        return x
+    rules = module.rules if module.rules is not None else DEFAULT_RULES
+    return nn.with_logical_constraint(x, names, rules=rules, mesh=module.mesh)
+
+
 def _init(config: LlamaConfig, names: tuple[str, ...], init=None):
     init = init or nn.initializers.normal(config.initializer_range)
     return nn.with_logical_partitioning(init, names)
@@ -191,6 +199,8 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     config: LlamaConfig
+    mesh: Any = None
+    rules: Any = None
 
     @nn.compact
     def __call__(self, x_BxLxE, cos, sin, positions_BxL, segment_ids_BxL):
@@ -207,7 +217,7 @@ class Attention(nn.Module):
         q_BxLxHxD = apply_rotary(proj("q_proj", h, "heads"), cos, sin)
         k_BxLxKxD = apply_rotary(proj("k_proj", kv, "kv_heads"), cos, sin)
         v_BxLxKxD = proj("v_proj", kv, "kv_heads")
-        q_BxLxHxD = nn.with_logical_constraint(q_BxLxHxD, ("batch", "length", "heads", "head_dim"))
+        q_BxLxHxD = _constrain(self, q_BxLxHxD, ("batch", "length", "heads", "head_dim"))
         mask = attn_lib.attention_mask(positions_BxL, positions_BxL, segment_ids_BxL, segment_ids_BxL, cfg.sliding_window)
         o_BxLxHxD = attn_lib.dense_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask)
         return nn.DenseGeneral(
@@ -219,6 +229,8 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     config: LlamaConfig
+    mesh: Any = None
+    rules: Any = None
 
     @nn.compact
     def __call__(self, x_BxLxE):
@@ -232,20 +244,22 @@ class MLP(nn.Module):
 
         gate_BxLxM = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x_BxLxE)
         up_BxLxM = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x_BxLxE)
-        h_BxLxM = nn.with_logical_constraint(nn.silu(gate_BxLxM) * up_BxLxM, ("batch", "length", "mlp"))
+        h_BxLxM = _constrain(self, nn.silu(gate_BxLxM) * up_BxLxM, ("batch", "length", "mlp"))
         return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h_BxLxM)
 
 
 class DecoderLayer(nn.Module):
     config: LlamaConfig
+    mesh: Any = None
+    rules: Any = None
 
     @nn.compact
     def __call__(self, x_BxLxE, cos, sin, positions_BxL, segment_ids_BxL):
         cfg = self.config
-        h = Attention(cfg, name="self_attn")(RMSNorm(cfg, name="input_layernorm")(x_BxLxE), cos, sin, positions_BxL, segment_ids_BxL)
+        h = Attention(cfg, self.mesh, self.rules, name="self_attn")(RMSNorm(cfg, name="input_layernorm")(x_BxLxE), cos, sin, positions_BxL, segment_ids_BxL)
         x_BxLxE = x_BxLxE + h
-        x_BxLxE = x_BxLxE + MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x_BxLxE))
-        return nn.with_logical_constraint(x_BxLxE, ("batch", "length", "embed")), None
+        x_BxLxE = x_BxLxE + MLP(cfg, self.mesh, self.rules, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x_BxLxE))
+        return _constrain(self, x_BxLxE, ("batch", "length", "embed")), None
 
 
 class Llama(nn.Module):
@@ -253,9 +267,13 @@ class Llama(nn.Module):
 
     `positions` default to arange(L); `segment_ids` (default all ones) keep packed documents apart.
     `rope_scaling` overrides the config's (it may hold traced LongRoPE factors / start_tokens).
+    `mesh` and `rules` (logical -> mesh axes; default `parallel.DEFAULT_RULES` when a mesh is given)
+    shard activations; without a mesh the model runs unconstrained.
     """
 
     config: LlamaConfig
+    mesh: Any = None
+    rules: Any = None
 
     @nn.compact
     def __call__(self, tokens_BxL, positions=None, segment_ids=None, rope_scaling: RopeScaling | None = None):
@@ -272,7 +290,7 @@ class Llama(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
             embedding_init=_init(cfg, ("vocab", "embed")), name="embed_tokens",
         )
-        x_BxLxE = nn.with_logical_constraint(embed(tokens_BxL), ("batch", "length", "embed"))
+        x_BxLxE = _constrain(self, embed(tokens_BxL), ("batch", "length", "embed"))
         cos, sin = rope_cos_sin(
             rope_scaling if rope_scaling is not None else cfg.rope_scaling, positions_BxL,
             head_dim=cfg.head_dim, theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
@@ -287,11 +305,11 @@ class Llama(nn.Module):
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(nn.broadcast,) * len(args), length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")
+            )(cfg, self.mesh, self.rules, name="layers")
             x_BxLxE, _ = stack(x_BxLxE, *args)
         else:
             for i in range(cfg.num_hidden_layers):
-                x_BxLxE, _ = block(cfg, name=f"layers_{i}")(x_BxLxE, *args)
+                x_BxLxE, _ = block(cfg, self.mesh, self.rules, name=f"layers_{i}")(x_BxLxE, *args)
 
         x_BxLxE = RMSNorm(cfg, name="norm")(x_BxLxE)
         if cfg.tie_word_embeddings:
@@ -301,7 +319,7 @@ class Llama(nn.Module):
                 cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                 kernel_init=_init(cfg, ("embed", "vocab")), name="lm_head",
             )(x_BxLxE)
-        logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
+        logits_BxLxV = _constrain(self, logits_BxLxV, ("batch", "length", "vocab"))
         return logits_BxLxV.astype(jnp.float32)
 
 
