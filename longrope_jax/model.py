@@ -54,7 +54,9 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype; softmax, norms and RoPE stay float32
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention: str = "dense"
+    attention: str = "dense"  # dense | blockwise | ring | splash (TPU)
+    attention_chunk: int = 512  # query/key chunk of blockwise and ring attention
+    ring_zigzag: bool = True  # load-balanced causal layout for ring attention
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -85,6 +87,10 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.remat_policy: expected one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
         if self.attention not in attn_lib.ATTENTION_IMPLS:
             raise ValueError(f"LlamaConfig.attention: expected one of {attn_lib.ATTENTION_IMPLS}, got {self.attention!r}")
+        if isinstance(self.attention_chunk, bool) or not isinstance(self.attention_chunk, int) or self.attention_chunk < 1:
+            raise ValueError(f"LlamaConfig.attention_chunk: expected a positive integer, got {self.attention_chunk!r}")
+        if self.attention == "splash" and self.sliding_window is not None:
+            raise ValueError("LlamaConfig.sliding_window: not supported with attention='splash'; use blockwise or ring")
         if self.rope_theta <= 0:
             raise ValueError(f"LlamaConfig.rope_theta: expected a positive number, got {self.rope_theta!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -121,7 +127,8 @@ class LlamaConfig:
                 rope["original_max_position_embeddings"] = d["original_max_position_embeddings"]
             else:
                 rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
-        hf_only = ("rope_scaling", "rope_theta", "model_type", "dtype", "param_dtype", "scan_layers", "remat_policy", "attention")
+        hf_only = ("rope_scaling", "rope_theta", "model_type", "dtype", "param_dtype", "scan_layers", "remat_policy",
+                   "attention", "attention_chunk", "ring_zigzag")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name not in hf_only}
         kw.update(
             model_type=model_type, rope_theta=float(theta), rope_scaling=RopeScaling.from_hf(rope or None),
@@ -173,11 +180,14 @@ class LlamaConfig:
         return jnp.dtype(self.param_dtype)
 
 
+def _rules(module):
+    return module.rules if module.rules is not None else DEFAULT_RULES
+
+
 def _constrain(module, x, names):
     if module.mesh is None:
         return x
-    rules = module.rules if module.rules is not None else DEFAULT_RULES
-    return nn.with_logical_constraint(x, names, rules=rules, mesh=module.mesh)
+    return nn.with_logical_constraint(x, names, rules=_rules(module), mesh=module.mesh)
 
 
 def _init(config: LlamaConfig, names: tuple[str, ...], init=None):
@@ -218,13 +228,30 @@ class Attention(nn.Module):
         k_BxLxKxD = apply_rotary(proj("k_proj", kv, "kv_heads"), cos, sin)
         v_BxLxKxD = proj("v_proj", kv, "kv_heads")
         q_BxLxHxD = _constrain(self, q_BxLxHxD, ("batch", "length", "heads", "head_dim"))
-        mask = attn_lib.attention_mask(positions_BxL, positions_BxL, segment_ids_BxL, segment_ids_BxL, cfg.sliding_window)
-        o_BxLxHxD = attn_lib.dense_attention(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask)
+        o_BxLxHxD = self._attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, positions_BxL, segment_ids_BxL)
         return nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype,
             param_dtype=cfg.jnp_param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
             bias_init=_init(cfg, ("embed",), nn.initializers.zeros), name="o_proj",
         )(o_BxLxHxD)
+
+
+    def _attend(self, q, k, v, positions, segment_ids):
+        cfg = self.config
+        if cfg.attention == "dense":
+            mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
+            return attn_lib.dense_attention(q, k, v, mask)
+        if cfg.attention == "blockwise":
+            return attn_lib.blockwise_attention(
+                q, k, v, positions, positions, segment_ids, segment_ids,
+                chunk=cfg.attention_chunk, sliding_window=cfg.sliding_window,
+            )
+        if cfg.attention == "ring":
+            return attn_lib.ring_attention(
+                q, k, v, positions, segment_ids, mesh=self.mesh, rules=_rules(self),
+                chunk=cfg.attention_chunk, sliding_window=cfg.sliding_window,
+            )
+        return attn_lib.splash_attention(q, k, v, segment_ids)
 
 
 class MLP(nn.Module):
@@ -276,7 +303,11 @@ class Llama(nn.Module):
     rules: Any = None
 
     @nn.compact
-    def __call__(self, tokens_BxL, positions=None, segment_ids=None, rope_scaling: RopeScaling | None = None):
+    def __call__(self, tokens_BxL, positions=None, segment_ids=None, rope_scaling: RopeScaling | None = None,
+                 balanced: bool = False):
+        """`balanced=True` says the inputs already are in the ring's zig-zag order (the data layer
+        reordered them, positions included); logits then come back in that order too. Otherwise,
+        with ring attention and `ring_zigzag`, the model reorders on entry and restores on exit."""
         cfg = self.config
         b, length = tokens_BxL.shape
         if positions is None:
@@ -285,6 +316,12 @@ class Llama(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, length), jnp.int32)
         segment_ids_BxL = jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), (b, length))
+        shards = attn_lib.seq_shards(self.mesh, _rules(self)) if cfg.attention == "ring" else 1
+        reorder = cfg.ring_zigzag and shards > 1 and not balanced
+        if reorder:
+            tokens_BxL, positions_BxL, segment_ids_BxL = (
+                attn_lib.zigzag(x, shards) for x in (tokens_BxL, positions_BxL, segment_ids_BxL)
+            )
 
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
@@ -319,8 +356,8 @@ class Llama(nn.Module):
                 cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                 kernel_init=_init(cfg, ("embed", "vocab")), name="lm_head",
             )(x_BxLxE)
-        logits_BxLxV = _constrain(self, logits_BxLxV, ("batch", "length", "vocab"))
-        return logits_BxLxV.astype(jnp.float32)
+        logits_BxLxV = _constrain(self, logits_BxLxV, ("batch", "length", "vocab")).astype(jnp.float32)
+        return attn_lib.unzigzag(logits_BxLxV, shards) if reorder else logits_BxLxV
 
 
 def init_params(config: LlamaConfig, rng: jax.Array, length: int = 8) -> dict:
