@@ -289,6 +289,30 @@ class DecoderLayer(nn.Module):
         return _constrain(self, x_BxLxE, ("batch", "length", "embed")), None
 
 
+class Embed(nn.Module):
+    """Token embedding; `attend` gives tied logits. The table is sharded over `embed` for storage but
+    gathered along it before use, so the lookup never forces a full activation onto every device."""
+
+    config: LlamaConfig
+    mesh: Any = None
+    rules: Any = None
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self.param(
+            "embedding", _init(cfg, ("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), cfg.jnp_param_dtype
+        )
+
+    def _table(self):
+        return _constrain(self, self.embedding, ("vocab", None)).astype(self.config.jnp_dtype)
+
+    def __call__(self, tokens_BxL):
+        return jnp.take(self._table(), tokens_BxL, axis=0)
+
+    def attend(self, x_BxLxE):
+        return jnp.einsum("ble,ve->blv", x_BxLxE, self._table())
+
+
 class Llama(nn.Module):
     """LLaMA causal LM. `apply({'params': p}, tokens, positions, segment_ids)` -> float32 logits [B, L, V].
 
@@ -323,10 +347,7 @@ class Llama(nn.Module):
                 attn_lib.zigzag(x, shards) for x in (tokens_BxL, positions_BxL, segment_ids_BxL)
             )
 
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-            embedding_init=_init(cfg, ("vocab", "embed")), name="embed_tokens",
-        )
+        embed = Embed(cfg, self.mesh, self.rules, name="embed_tokens")
         x_BxLxE = _constrain(self, embed(tokens_BxL), ("batch", "length", "embed"))
         cos, sin = rope_cos_sin(
             rope_scaling if rope_scaling is not None else cfg.rope_scaling, positions_BxL,
