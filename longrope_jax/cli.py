@@ -9,9 +9,9 @@ from longrope_jax import __version__
 
 
 def _registrars():
-    from longrope_jax import convert
+    from longrope_jax import convert, train
 
-    return {"convert": convert.register_cli}
+    return {"convert": convert.register_cli, "train": train.register_cli}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(raw)
+    if getattr(args, "passthrough", False):  # own flag syntax (train: config_flags): everything after it
+        args.argv = raw[raw.index(args.command) + 1:]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -1,0 +1,204 @@
+"""Attention memory and time (forward + backward) for dense, blockwise and ring, on 8 CPU devices.
+
+Every measurement runs in a fresh subprocess. Peak memory is the kernel's own accounting of the
+process: the resident high-water mark (VmHWM) is reset right before the compiled step runs (after
+inputs exist and compilation is done) and read after it, minus the resident size at the reset. XLA's
+compiled-program accounting (`memory_analysis`: arguments + outputs + temporaries, per device) is
+reported too. Configs whose XLA footprint exceeds --budget-gib are compiled but not run
+("projected").
+
+    python benchmarks/attention.py memory [--lengths 4096,8192,16384,32768,65536]
+    python benchmarks/attention.py zigzag [--length 16384]
+    python benchmarks/attention.py model [--length 65536]
+
+Each line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 32
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> int:
+    """Reset the resident high-water mark; return the resident size now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _peak_growth(base: int) -> int:
+    return _status("VmHWM") - base
+
+
+def _setup():
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    jax.devices()
+    return jax
+
+
+def _mesh(jax, seq):
+    return jax.make_mesh((1, 8 // seq, seq, 1), ("data", "fsdp", "seq", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+
+
+def _xla_bytes(compiled) -> int | None:
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def _time(fn, *args, repeats=2):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(*args)
+        _block(out)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _block(out):
+    import jax
+
+    jax.block_until_ready(out)
+
+
+def one_attention(impl: str, length: int, chunk: int, budget: float, zigzag: bool) -> dict:
+    jax = _setup()
+    import jax.numpy as jnp
+
+    from longrope_jax import attention as attn
+    from longrope_jax.parallel import DEFAULT_RULES
+
+    b = 1
+    key = jax.random.key(0)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (b, length, HEADS, HEAD_DIM), jnp.float32)
+    k = jax.random.normal(kk, (b, length, KV_HEADS, HEAD_DIM), jnp.float32)
+    v = jax.random.normal(kv, (b, length, KV_HEADS, HEAD_DIM), jnp.float32)
+    pos = jnp.arange(length, dtype=jnp.int32)[None]
+    seg = jnp.ones((b, length), jnp.int32)
+    mesh = _mesh(jax, 8)
+    shards = mesh.shape["seq"]
+    if impl == "ring" and zigzag:
+        pos = attn.zigzag(pos, shards)  # positions travel with the (reordered) tokens
+
+    def attend(q, k, v):
+        if impl == "dense":
+            return attn.dense_attention(q, k, v, attn.attention_mask(pos, pos, seg, seg))
+        if impl == "blockwise":
+            return attn.blockwise_attention(q, k, v, pos, pos, seg, seg, chunk=chunk)
+        return attn.ring_attention(q, k, v, pos, seg, mesh=mesh, rules=DEFAULT_RULES, chunk=chunk)
+
+    def loss(q, k, v):
+        return jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    compiled = step.lower(q, k, v).compile()
+    xla = _xla_bytes(compiled)
+    row = {"bench": "attention_memory", "impl": impl, "length": length, "chunk": chunk, "heads": HEADS,
+           "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "devices": 8 if impl == "ring" else 1,
+           "xla_bytes": xla, "zigzag": zigzag if impl == "ring" else None}
+    if xla is not None and xla > budget * 2**30:
+        return {**row, "ran": False, "note": f"projected {xla / 2**30:.1f} GiB > budget {budget} GiB"}
+    compiled(q, k, v)  # warm up allocator pools outside the measurement
+    base = _reset_peak()
+    row["fwd_bwd_s"] = round(_time(compiled, q, k, v), 3)
+    row["peak_rss_growth_bytes"] = _peak_growth(base)
+    return {**row, "ran": True}
+
+
+def one_model(length: int, attention: str, chunk: int) -> dict:
+    """Forward + backward of a tiny byte-level LLaMA at `length` tokens under the 8-device mesh."""
+    jax = _setup()
+    import jax.numpy as jnp
+
+    from longrope_jax.model import Llama, LlamaConfig, init_params
+
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=length,
+                         attention=attention, attention_chunk=chunk, remat_policy="full")
+    mesh = _mesh(jax, 8)
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (1, length), 0, 256)
+
+    def loss(p):
+        logits = Llama(config, mesh=mesh).apply({"params": p}, tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+
+    step = jax.jit(jax.value_and_grad(loss))
+    compiled = step.lower(params).compile()
+    base = _reset_peak()
+    seconds = _time(compiled, params, repeats=1)
+    return {"bench": "model_fwd_bwd", "attention": attention, "length": length, "params": "tiny byte-level (2x128)",
+            "fwd_bwd_s": round(seconds, 2), "peak_rss_growth_bytes": _peak_growth(base),
+            "peak_rss_bytes": _status("VmHWM"), "xla_bytes": _xla_bytes(compiled)}
+
+
+def _child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "_child", *args], capture_output=True, text=True)
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}",
+                "args": args}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["memory", "zigzag", "model", "_child"])
+    ap.add_argument("--lengths", default="4096,8192,16384,32768,65536")
+    ap.add_argument("--length", type=int, default=None)
+    ap.add_argument("--impls", default="dense,blockwise,ring")
+    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--budget-gib", type=float, default=12.0)
+    ap.add_argument("--impl", default=None)
+    ap.add_argument("--zigzag", type=int, default=1)
+    args = ap.parse_args()
+
+    if args.what == "_child":
+        if args.impl == "model":
+            print(json.dumps(one_model(args.length, "ring", args.chunk)))
+        else:
+            print(json.dumps(one_attention(args.impl, args.length, args.chunk, args.budget_gib, bool(args.zigzag))))
+        return
+    if args.what == "memory":
+        for impl in args.impls.split(","):
+            for length in map(int, args.lengths.split(",")):
+                row = _child(["--impl", impl, "--length", str(length), "--chunk", str(args.chunk),
+                              "--budget-gib", str(args.budget_gib)])
+                print(json.dumps(row), flush=True)
+    elif args.what == "zigzag":
+        from longrope_jax.attention import causal_blocks_per_device
+
+        length = args.length or 16384
+        for zz in (0, 1):
+            row = _child(["--impl", "ring", "--length", str(length), "--chunk", str(args.chunk), "--zigzag", str(zz)])
+            work = causal_blocks_per_device(length, 8, balanced=bool(zz), chunk=args.chunk)
+            row.update(bench="ring_layout", layout="zigzag" if zz else "contiguous",
+                       blocks_per_device=work.tolist(), work_max_over_min=round(float(work.max() / work.min()), 3))
+            print(json.dumps(row), flush=True)
+    else:
+        print(json.dumps(_child(["--impl", "model", "--length", str(args.length or 65536), "--chunk", str(args.chunk)])))
+
+
+if __name__ == "__main__":
+    main()

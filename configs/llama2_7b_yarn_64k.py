@@ -1,0 +1,13 @@
+"""YaRN (Peng et al. 2023): LLaMA-2 7B 4k -> 64k, s=16, 400 steps at lr 2e-5, batch 64.
+
+Slice: TPU v4-256 (128 chips): fsdp 8 x seq 16 (4k tokens per ring device).
+"""
+
+from longrope_jax.config import long_context_finetune
+
+
+def get_config():
+    c = long_context_finetune(init_from="hf:checkpoints/Llama-2-7b-hf", seq_len=65536, steps=400, lr=2e-5,
+                              batch_size=64, mesh=dict(data=1, fsdp=8, seq=16, tensor=1))
+    c.rope.update(type="yarn", factor=16.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0)
+    return c

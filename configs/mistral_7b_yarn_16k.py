@@ -1,0 +1,13 @@
+"""YaRN on Mistral 7B: s=8 over an 8k original window, 1000 steps at 16k, constant lr 1e-6, batch 64.
+
+Slice: TPU v4-64 (32 chips): fsdp 8 x seq 4.
+"""
+
+from longrope_jax.config import long_context_finetune
+
+
+def get_config():
+    c = long_context_finetune(init_from="hf:checkpoints/Mistral-7B-v0.1", seq_len=16384, steps=1000, lr=1e-6,
+                              batch_size=64, mesh=dict(data=1, fsdp=8, seq=4, tensor=1))
+    c.rope.update(type="yarn", factor=8.0, original_max_position_embeddings=8192, beta_fast=32.0, beta_slow=1.0)
+    return c
