@@ -8,17 +8,18 @@ checkpoint saved under one mesh restores under another.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpointer:
     def __init__(self, directory, *, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = epath.Path(directory)
+        if "://" not in str(self.directory):
+            self.directory = self.directory.absolute()  # orbax wants absolute local paths
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(every_steps, 1),
             max_to_keep=keep,

@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from longrope_jax import config as config_lib
@@ -176,10 +178,19 @@ def evaluate(c, params, eval_fn, mesh, rules, tokenizer) -> dict:
 def _export(c, model_cfg, state, workdir: Path):
     params = multihost_utils.process_allgather(state.params, tiled=True) if jax.process_count() > 1 else (
         jax.device_get(state.params))
-    if jax.process_index() == 0:
-        kind, _, path = c.init_from.partition(":")
-        tokenizer_dir = path if kind == "hf" and _has_tokenizer(path) else None
-        save_hf(model_cfg, params, workdir / "hf", tokenizer_source=tokenizer_dir, overwrite=True)
+    if jax.process_index() != 0:
+        return
+    kind, _, path = c.init_from.partition(":")
+    tokenizer_dir = path if kind == "hf" and _has_tokenizer(path) else None
+    if "://" not in str(workdir):
+        save_hf(model_cfg, params, Path(workdir) / "hf", tokenizer_source=tokenizer_dir, overwrite=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # save_hf writes locally; then stream the files up
+        save_hf(model_cfg, params, Path(tmp) / "hf", tokenizer_source=tokenizer_dir)
+        (workdir / "hf").mkdir(parents=True, exist_ok=True)
+        for f in (Path(tmp) / "hf").iterdir():
+            with open(f, "rb") as src, (workdir / "hf" / f.name).open("wb") as dst:
+                shutil.copyfileobj(src, dst, 64 << 20)
 
 
 def _has_tokenizer(path: str) -> bool:
@@ -193,7 +204,7 @@ def train(config: ml_collections.ConfigDict | dict, workdir, *, stop_at: int | N
     schedulers use it to cut a run without changing its config (and so its schedule).
     """
     c = config_lib.resolve(config)
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)  # local or gs:// (orbax, metrics and the DONE marker all go through epath)
     workdir.mkdir(parents=True, exist_ok=True)
     parallel.initialize_distributed()
 

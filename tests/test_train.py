@@ -5,7 +5,6 @@ The reference for every resume test is an uninterrupted run of the same config.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +17,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import torch
 import transformers
 
 from longrope_jax import config as config_lib
-from longrope_jax.convert import load_jax, save_jax
+from longrope_jax.convert import load_hf, save_jax
+from longrope_jax.model import Llama, init_params
 from longrope_jax.train import TrainingStopped, parse_train_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,8 +137,6 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
     c = tiny()
     model = config_lib.model_config(c)
-    from longrope_jax.model import init_params
-
     params = init_params(model, jax.random.key(0))
     params["norm"]["scale"] = params["norm"]["scale"].at[0].set(jnp.nan)
     save_jax(model, params, tmp_path / "poisoned")
@@ -154,26 +153,16 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path):
     c = tiny(train__steps=2, rope__type="yarn", rope__factor=2.0, rope__original_max_position_embeddings=32)
     c.export_hf = True
     train(c, tmp_path)
-    from longrope_jax.model import Llama
-
-    config, params = load_jax_from_hf(tmp_path / "hf")
+    config, params = load_hf(tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.rope_parameters["rope_type"] == "yarn"
     tokens = np.arange(48)[None] % 200
-    import torch
-
     with torch.no_grad():
         ref = hf(torch.as_tensor(tokens)).logits.numpy()
     ours = np.asarray(Llama(config).apply({"params": params}, jnp.asarray(tokens)))
     assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
     np.testing.assert_allclose(ours, np.asarray(Llama(config).apply({"params": final_params(tmp_path, 2)},
                                                                      jnp.asarray(tokens))), rtol=1e-5, atol=1e-6)
-
-
-def load_jax_from_hf(path):
-    from longrope_jax.convert import load_hf
-
-    return load_hf(path)
 
 
 @pytest.mark.parametrize(
@@ -214,3 +203,41 @@ def test_shipped_configs_resolve_and_fit_their_slice(name):
         assert c.train.batch_size % (c.mesh.data * c.mesh.fsdp) == 0
         assert c.train.seq_len // c.mesh.seq % c.model.attention_chunk == 0
         assert c.rope.type in ("linear", "yarn", "longrope")
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    import functools
+
+    from longrope_jax import data, optim
+    from longrope_jax.steps import TrainState, train_step
+
+    c = config_lib.resolve(tiny())
+    model_cfg = config_lib.model_config(c)
+    source = data.open_source("kjv", "train", data_dir=c.data.data_dir)
+    batch = next(data.make_loader(source, data.build_tokenizer("byte"), seq_len=64, batch_size=8, seed=0))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    tx, lr = optim.make_optimizer(c.optimizer, 10)
+    params = init_params(model_cfg, jax.random.key(0))
+    results = []
+    for accum in (1, 2, 4):
+        state = TrainState.create(params, tx, jax.random.key(1))
+        step = jax.jit(functools.partial(train_step, model=Llama(model_cfg), tx=tx, lr_fn=lr, accum=accum))
+        results.append(step(state, batch))
+    (ref_state, ref), others = results[0], results[1:]
+    for state, metrics in others:
+        np.testing.assert_allclose(metrics["loss"], ref["loss"], rtol=1e-6)
+        np.testing.assert_allclose(metrics["grad_norm"], ref["grad_norm"], rtol=1e-5)
+        assert int(metrics["tokens"]) == int(ref["tokens"])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state.params, ref_state.params)
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    from longrope_jax import optim
+
+    opt = config_lib.default_config().optimizer
+    opt.update(lr=1.0, warmup_steps=10, schedule="cosine", end_lr_ratio=0.1)
+    lr = optim.learning_rate(opt, 110)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(60)) == pytest.approx(0.55, rel=1e-3)  # half way down the cosine to 0.1
+    assert float(lr(110)) == pytest.approx(0.1)
