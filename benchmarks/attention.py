@@ -120,9 +120,11 @@ def one_attention(impl: str, length: int, chunk: int, budget: float, zigzag: boo
            "xla_bytes": xla, "zigzag": zigzag if impl == "ring" else None}
     if xla is not None and xla > budget * 2**30:
         return {**row, "ran": False, "note": f"projected {xla / 2**30:.1f} GiB > budget {budget} GiB"}
-    compiled(q, k, v)  # warm up allocator pools outside the measurement
+    short = length <= 16384  # long runs take minutes: one timed run, no warm-up
+    if short:
+        compiled(q, k, v)  # warm up allocator pools outside the measurement
     base = _reset_peak()
-    row["fwd_bwd_s"] = round(_time(compiled, q, k, v), 3)
+    row["fwd_bwd_s"] = round(_time(compiled, q, k, v, repeats=2 if short else 1), 3)
     row["peak_rss_growth_bytes"] = _peak_growth(base)
     return {**row, "ran": True}
 

@@ -29,8 +29,11 @@ class TrainState(flax.struct.PyTreeNode):
 
     @classmethod
     def create(cls, params, tx: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
-        zero = jnp.zeros((), jnp.int32)
-        return cls(step=zero, params=params, opt_state=tx.init(params), rng=rng, skipped=zero, total_skipped=zero)
+        def zero():  # separate buffers, so a donated state never holds one buffer twice
+            return jnp.zeros((), jnp.int32)
+
+        return cls(step=zero(), params=params, opt_state=tx.init(params), rng=rng, skipped=zero(),
+                   total_skipped=zero())
 
 
 def targets_and_mask(batch):
