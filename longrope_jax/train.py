@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -133,15 +135,27 @@ def load_init(init_from: str):
     raise ValueError(f"config.init_from: {init_from!r}; expected 'hf:PATH' or 'jax:PATH'")
 
 
-def initial_state(model_cfg, mesh, rules, tx, seed: int, init_params=None) -> TrainState:
+def state_shardings(param_shardings, tx, mesh) -> TrainState:
+    """Shardings of the whole train state: AdamW moments follow their parameter, scalars replicate."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct((), jnp.float32), param_shardings)
+    opt_state = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, abstract_params),
+                                      param_shardings, transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt_state, rng=replicated,
+                      skipped=replicated, total_skipped=replicated)
+
+
+def initial_state(model_cfg, mesh, rules, tx, seed: int, init_params=None) -> tuple[TrainState, TrainState]:
+    """(state, its shardings): fresh or `init_params`, placed so no device holds a whole tensor."""
     shardings = parallel.param_shardings(model_cfg, mesh, rules)
     if init_params is None:
         params = parallel.init_sharded(model_cfg, mesh, jax.random.key(seed), rules)
     else:
         params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, model_cfg.param_dtype), init_params), shardings)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), replicated)
-    return jax.jit(lambda p, r: TrainState.create(p, tx, r))(params, rng)
+    target = state_shardings(shardings, tx, mesh)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), target.rng)
+    state = jax.jit(lambda p, r: TrainState.create(p, tx, r), out_shardings=target)(params, rng)
+    return state, target
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -221,7 +235,7 @@ def train(config: ml_collections.ConfigDict | dict, workdir, *, stop_at: int | N
 
     model = Llama(model_cfg, mesh=mesh, rules=rules)
     tx, lr_fn = optim.make_optimizer(c.optimizer, c.train.steps)
-    state = initial_state(model_cfg, mesh, rules, tx, c.train.seed, init_params)
+    state, shardings = initial_state(model_cfg, mesh, rules, tx, c.train.seed, init_params)
     del init_params
     batches, to_global = make_batches(c, mesh, rules, tokenizer, "train", c.train.batch_size)
     ckpt = Checkpointer(workdir / "checkpoints", every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep,
@@ -231,8 +245,10 @@ def train(config: ml_collections.ConfigDict | dict, workdir, *, stop_at: int | N
         state = ckpt.restore(start, abstract(state), batches)
     start = int(start or 0)
 
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, accum=c.train.grad_accum),
-                      donate_argnums=0)
+                      in_shardings=(shardings, parallel.batch_sharding(mesh, rules)),
+                      out_shardings=(shardings, replicated), donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, model=model))
     log = MetricsWriter(workdir, tensorboard=c.logging.tensorboard, progress=c.logging.progress,
                         total_steps=c.train.steps, start_step=start)
