@@ -387,3 +387,12 @@ def test_clear_errors_for_bad_data_input(tmp_path, kjv_dir, byte):
             data.make_loader(VERSES, byte, **args)
     with pytest.raises(ValueError, match="holds no document"):
         data.make_loader([], byte, seq_len=SEQ, batch_size=1, seed=0, shard_index=0, shard_count=1)
+
+
+def test_cli_data_prepare_reports_the_splits(tmp_path, capsys):
+    from longrope_jax import cli
+
+    assert cli.main(["data", "prepare", "kjv", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "60 train documents, 6 validation documents" in out
+    assert cli.main(["data", "prepare", "files:*.txt", "--data-dir", str(tmp_path)]) == 2
