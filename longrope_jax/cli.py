@@ -9,9 +9,10 @@ from longrope_jax import __version__
 
 
 def _registrars():
-    from longrope_jax import convert, data, train
+    from longrope_jax import convert, data, search, train
 
-    return {"convert": convert.register_cli, "data": data.register_cli, "train": train.register_cli}
+    return {"convert": convert.register_cli, "data": data.register_cli, "train": train.register_cli,
+            "search": search.register_cli}
 
 
 def build_parser() -> argparse.ArgumentParser:
