@@ -7,10 +7,7 @@ unsharded single-device forward + backward with the model's own `init_params`.
 
 import functools
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -19,6 +16,7 @@ import pytest
 from longrope_jax import attention as attn_lib
 from longrope_jax.model import Llama, init_params
 from tests import multihost_worker as worker
+from tests.processes import free_port, run_all
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 NUM_PROCESSES = 2
@@ -35,44 +33,13 @@ EXPECTED_BOXES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path, n=3000) -> str:
-    with open(path, errors="replace") as f:
-        return f.read()[-n:]
-
-
 def run_workers(attention: str, out_dir) -> None:
-    """Launch the processes, wait for all; kill the rest as soon as one fails or time runs out."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    coordinator = f"127.0.0.1:{_free_port()}"
-    procs, logs = [], []
-    try:
-        for i in range(NUM_PROCESSES):
-            logs.append(out_dir / f"process{i}.log")
-            cmd = [sys.executable, WORKER, "--coordinator", coordinator, "--num-processes", str(NUM_PROCESSES),
-                   "--process-id", str(i), "--attention", attention, "--out", str(out_dir)]
-            with open(logs[-1], "w") as log:
-                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-        deadline = time.monotonic() + TIMEOUT_S
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        report = "\n".join(f"--- process {i} (rc {procs[i].returncode}) ---\n{_tail(logs[i])}" for i in failed)
-        timed_out = time.monotonic() > deadline
-        pytest.fail(f"multi-host workers failed{' (timed out)' if timed_out else ''}:\n{report}")
+    coordinator = f"127.0.0.1:{free_port()}"
+    jobs = [([sys.executable, WORKER, "--coordinator", coordinator, "--num-processes", str(NUM_PROCESSES),
+              "--process-id", str(i), "--attention", attention, "--out", str(out_dir)], env,
+             out_dir / f"process{i}.log") for i in range(NUM_PROCESSES)]
+    run_all(jobs, timeout_s=TIMEOUT_S, what="multi-host workers")
 
 
 @functools.cache

@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from longrope_jax import data as data_lib
+from tests.processes import free_port, run_all, tail
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.py"
@@ -51,17 +49,6 @@ MESHES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path, n=4000) -> str:
-    with open(path, errors="replace") as f:
-        return f.read()[-n:]
-
-
 def _command(workdir: Path, data_dir: Path, overrides: dict) -> list[str]:
     flags = {**COMMON, **overrides, "data.data_dir": str(data_dir)}
     return [sys.executable, "-m", "longrope_jax", "train", "--config", str(TINY), "--workdir", str(workdir),
@@ -79,36 +66,18 @@ def run_train(workdir: Path, data_dir: Path, overrides: dict, *, processes: int,
     base.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // processes}",
                 JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     cmd = _command(workdir, data_dir, overrides)
-    procs, logs = [], []
-    start = time.monotonic()
-    try:
-        for i in range(processes):
-            env = dict(base)
-            if processes > 1:
-                env.update(LONGROPE_COORDINATOR=coordinator, LONGROPE_NUM_PROCESSES=str(processes),
-                           LONGROPE_PROCESS_ID=str(i))
-            logs.append(workdir.parent / f"{workdir.name}.process{i}.log")
-            with open(logs[-1], "w") as log:
-                procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
-        deadline = start + TIMEOUT_S
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        timed_out = time.monotonic() > start + TIMEOUT_S
-        report = "\n".join(f"--- process {i} (rc {procs[i].returncode}) ---\n{_tail(logs[i])}" for i in failed)
-        pytest.fail(f"train with {processes} process(es) failed{' (timed out)' if timed_out else ''}:\n"
-                    f"{' '.join(cmd)}\n{report}")
-    print(f"{workdir.name}: {processes} process(es) in {time.monotonic() - start:.1f} s")
+    jobs = []
+    for i in range(processes):
+        env = dict(base)
+        if processes > 1:
+            env.update(LONGROPE_COORDINATOR=coordinator, LONGROPE_NUM_PROCESSES=str(processes),
+                       LONGROPE_PROCESS_ID=str(i))
+        jobs.append((cmd, env, workdir.parent / f"{workdir.name}.process{i}.log"))
+    seconds = run_all(jobs, timeout_s=TIMEOUT_S, what=f"train with {processes} process(es): {' '.join(cmd)}", cwd=ROOT)
+    print(f"{workdir.name}: {processes} process(es) in {seconds:.1f} s")
+    logs = [log for _, _, log in jobs]
     return logs
 
 
@@ -121,7 +90,7 @@ def series(workdir: Path, key: str) -> dict[int, float]:
 
 
 def logs_text(logs: list[Path]) -> str:
-    return "\n".join(f"--- {p.name} ---\n{_tail(p)}" for p in logs)
+    return "\n".join(f"--- {p.name} ---\n{tail(p)}" for p in logs)
 
 
 @pytest.fixture(scope="module")
