@@ -16,7 +16,8 @@ def _registrars():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longrope-jax", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="longrope-jax", description="Context-window extension for RoPE language models (JAX/Flax).")
     parser.add_argument("--version", action="version", version=f"longrope-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, register in _registrars().items():
