@@ -23,8 +23,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 32
 
 
@@ -158,24 +156,6 @@ def one_model(length: int, attention: str, chunk: int) -> dict:
             "peak_rss_bytes": _status("VmHWM"), "xla_bytes": _xla_bytes(compiled)}
 
 
-def critical_path(length: int, shards: int, balanced: bool, chunk: int) -> int:
-    """Chunk pairs on the slowest device summed over ring steps: the wall time of truly parallel
-    devices, which wait for each other at every K/V hand-off."""
-    from longrope_jax.attention import zigzag_indices
-
-    positions = zigzag_indices(length, shards) if balanced else np.arange(length)
-    local = positions.reshape(shards, -1)
-    total = 0
-    for step in range(shards):
-        per_device = []
-        for dev in range(shards):
-            src = (dev - step) % shards
-            q_chunks, k_chunks = local[dev].reshape(-1, chunk), local[src].reshape(-1, chunk)
-            per_device.append(sum(int(kc.min() <= qc.max()) for qc in q_chunks for kc in k_chunks))
-        total += max(per_device)
-    return total
-
-
 def _child(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, "_child", *args], capture_output=True, text=True)
     if out.returncode:
@@ -209,7 +189,7 @@ def main() -> None:
                               "--budget-gib", str(args.budget_gib)])
                 print(json.dumps(row), flush=True)
     elif args.what == "zigzag":
-        from longrope_jax.attention import causal_blocks_per_device
+        from longrope_jax.attention import causal_blocks_per_device, causal_critical_path
 
         length = args.length or 16384
         for zz in (0, 1):
@@ -217,7 +197,7 @@ def main() -> None:
             work = causal_blocks_per_device(length, 8, balanced=bool(zz), chunk=args.chunk)
             row.update(bench="ring_layout", layout="zigzag" if zz else "contiguous",
                        blocks_per_device=work.tolist(), work_max_over_min=round(float(work.max() / work.min()), 3),
-                       critical_path_blocks=critical_path(length, 8, bool(zz), args.chunk))
+                       critical_path_blocks=causal_critical_path(length, 8, bool(zz), args.chunk))
             print(json.dumps(row), flush=True)
     else:
         print(json.dumps(_child(["--impl", "model", "--length", str(args.length or 65536), "--chunk", str(args.chunk)])))

@@ -333,18 +333,33 @@ def unzigzag(x, shards: int, axis: int = 1):
     return jnp.take(x, jnp.asarray(inverse), axis=axis)
 
 
-def causal_blocks_per_device(length: int, shards: int, balanced: bool, chunk: int | None = None) -> np.ndarray:
-    """How many (query chunk, key chunk) pairs each ring device computes for one causal sequence."""
+def causal_work(length: int, shards: int, balanced: bool, chunk: int | None = None) -> np.ndarray:
+    """[ring step, device]: (query chunk, key chunk) pairs each device computes for one causal sequence.
+
+    Mirrors the kernel's skip rule: a pair is computed unless every key lies after every query.
+    """
     chunk = chunk or length // (2 * shards)
     positions = zigzag_indices(length, shards) if balanced else np.arange(length)
     local = positions.reshape(shards, -1)
-    work = np.zeros(shards, int)
-    for dev in range(shards):
-        q_chunks = local[dev].reshape(-1, chunk)
-        for src in range(shards):
-            for kc in local[src].reshape(-1, chunk):
-                work[dev] += int(sum((kc.min() <= qc.max()) for qc in q_chunks))
+    q_last = local.reshape(shards, -1, chunk).max(-1)  # [device, q chunk]
+    k_first = local.reshape(shards, -1, chunk).min(-1)  # [device, k chunk]
+    work = np.zeros((shards, shards), int)
+    for step in range(shards):
+        for dev in range(shards):
+            src = (dev - step) % shards  # the K/V block that visits `dev` at this step
+            work[step, dev] = int((k_first[src][None, :] <= q_last[dev][:, None]).sum())
     return work
+
+
+def causal_blocks_per_device(length: int, shards: int, balanced: bool, chunk: int | None = None) -> np.ndarray:
+    """Total chunk pairs per ring device for one causal sequence."""
+    return causal_work(length, shards, balanced, chunk).sum(0)
+
+
+def causal_critical_path(length: int, shards: int, balanced: bool, chunk: int | None = None) -> int:
+    """Chunk pairs on the slowest device summed over ring steps: what truly parallel devices wait for,
+    since they hand K/V on together at every step."""
+    return int(causal_work(length, shards, balanced, chunk).max(1).sum())
 
 
 # ---- splash (TPU) ------------------------------------------------------------------------------------

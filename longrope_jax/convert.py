@@ -411,6 +411,16 @@ def load_jax(path, dtype=None) -> tuple[LlamaConfig, dict]:
     return config, params
 
 
+def load_checkpoint(spec: str, what: str = "checkpoint") -> tuple[LlamaConfig, dict]:
+    """(LlamaConfig, params) from `hf:DIR` (a HF directory) or `jax:DIR` (`save_jax` output)."""
+    kind, _, path = str(spec).partition(":")
+    if kind == "hf" and path:
+        return load_hf(path)
+    if kind == "jax" and path:
+        return load_jax(path)
+    raise ValueError(f"{what} {spec!r}: expected 'hf:DIR' or 'jax:DIR'")
+
+
 # ---- command line ------------------------------------------------------------------------------
 
 

@@ -180,14 +180,15 @@ class LlamaConfig:
         return jnp.dtype(self.param_dtype)
 
 
-def _rules(module):
+def rules_of(module):
+    """The logical-axis rules a model module uses: its own, else `parallel.DEFAULT_RULES`."""
     return module.rules if module.rules is not None else DEFAULT_RULES
 
 
 def _constrain(module, x, names):
     if module.mesh is None:
         return x
-    return nn.with_logical_constraint(x, names, rules=_rules(module), mesh=module.mesh)
+    return nn.with_logical_constraint(x, names, rules=rules_of(module), mesh=module.mesh)
 
 
 def _init(config: LlamaConfig, names: tuple[str, ...], init=None):
@@ -248,7 +249,7 @@ class Attention(nn.Module):
             )
         if cfg.attention == "ring":
             return attn_lib.ring_attention(
-                q, k, v, positions, segment_ids, mesh=self.mesh, rules=_rules(self),
+                q, k, v, positions, segment_ids, mesh=self.mesh, rules=rules_of(self),
                 chunk=cfg.attention_chunk, sliding_window=cfg.sliding_window,
             )
         return attn_lib.splash_attention(q, k, v, segment_ids)
@@ -340,7 +341,7 @@ class Llama(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, length), jnp.int32)
         segment_ids_BxL = jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), (b, length))
-        shards = attn_lib.seq_shards(self.mesh, _rules(self)) if cfg.attention == "ring" else 1
+        shards = attn_lib.seq_shards(self.mesh, rules_of(self)) if cfg.attention == "ring" else 1
         reorder = cfg.ring_zigzag and shards > 1 and not balanced
         if reorder:
             tokens_BxL, positions_BxL, segment_ids_BxL = (

@@ -134,14 +134,9 @@ class SearchConfig:
 
 def load_model(spec: str):
     """(LlamaConfig, params) from `hf:DIR` or `jax:DIR`."""
-    from longrope_jax.convert import load_hf, load_jax
+    from longrope_jax.convert import load_checkpoint
 
-    kind, _, path = str(spec).partition(":")
-    if kind == "hf" and path:
-        return load_hf(path)
-    if kind == "jax" and path:
-        return load_jax(path)
-    raise ValueError(f"--model {spec!r}: expected 'hf:DIR' or 'jax:DIR'")
+    return load_checkpoint(spec, "--model")
 
 
 def default_tokenizer(model: str) -> str:

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from longrope_jax import attention as attn_lib
-from longrope_jax.model import Llama
-from longrope_jax.parallel import DEFAULT_RULES
+from longrope_jax.model import Llama, rules_of
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -65,7 +64,7 @@ def zigzag_shards(model: Llama) -> int:
     cfg = model.config
     if cfg.attention != "ring" or not cfg.ring_zigzag or model.mesh is None:
         return 1
-    return attn_lib.seq_shards(model.mesh, model.rules if model.rules is not None else DEFAULT_RULES)
+    return attn_lib.seq_shards(model.mesh, rules_of(model))
 
 
 def _micro_batches(batch, accum: int):

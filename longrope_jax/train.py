@@ -28,7 +28,7 @@ from longrope_jax import config as config_lib
 from longrope_jax import data as data_lib
 from longrope_jax import optim, parallel
 from longrope_jax.checkpoint import Checkpointer, abstract
-from longrope_jax.convert import load_hf, load_jax, save_hf
+from longrope_jax.convert import TOKENIZER_FILES, load_checkpoint, save_hf
 from longrope_jax.metrics import MetricsWriter
 from longrope_jax.model import Llama
 from longrope_jax.steps import TrainState, eval_step, train_step
@@ -125,14 +125,7 @@ def make_batches(c, mesh, rules, tokenizer, split: str, batch_size: int):
 
 def load_init(init_from: str):
     """(LlamaConfig, host params) from `hf:PATH` / `jax:PATH`, or (None, None)."""
-    if not init_from:
-        return None, None
-    kind, _, path = init_from.partition(":")
-    if kind == "hf":
-        return load_hf(path)
-    if kind == "jax":
-        return load_jax(path)
-    raise ValueError(f"config.init_from: {init_from!r}; expected 'hf:PATH' or 'jax:PATH'")
+    return load_checkpoint(init_from, "config.init_from") if init_from else (None, None)
 
 
 def state_shardings(param_shardings, tx, mesh) -> TrainState:
@@ -208,7 +201,7 @@ def _export(c, model_cfg, state, workdir: Path):
 
 
 def _has_tokenizer(path: str) -> bool:
-    return any((Path(path) / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+    return any((Path(path) / n).is_file() for n in TOKENIZER_FILES)
 
 
 def train(config: ml_collections.ConfigDict | dict, workdir, *, stop_at: int | None = None) -> dict:

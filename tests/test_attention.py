@@ -116,6 +116,7 @@ def test_zigzag_round_trip_and_balanced_work():
     assert contiguous.sum() == balanced.sum()
     assert contiguous.max() / contiguous.min() > 5
     assert balanced.max() / balanced.min() <= 1.2
+    assert attn.causal_critical_path(64, 8, True, 4) < attn.causal_critical_path(64, 8, False, 4)
     with pytest.raises(ValueError, match="multiple of 2 x seq shards"):
         attn.zigzag_indices(20, 4)
 
