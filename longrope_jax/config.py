@@ -36,8 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = dict(data=1, fsdp=-1, seq=1, tensor=1, rules=ml_collections.ConfigDict())
     # shards: how many deterministic loaders feed the global batch (0: data x fsdp). Keep it fixed to
     # resume on a mesh with another data-parallel size.
+    # passkey_fraction: share of training characters given to passkey-format documents (passkey.Mixture).
     c.data = dict(source="kjv", data_dir="", tokenizer="byte", text_key="text", pack="concat", min_doc_tokens=0,
-                  shards=0)
+                  shards=0, passkey_fraction=0.0)
     c.train = dict(steps=100, batch_size=8, seq_len=256, grad_accum=1, dtype="float32", seed=0,
                    max_consecutive_skips=5)
     c.optimizer = dict(lr=3e-3, warmup_steps=10, schedule="cosine", end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,

@@ -49,7 +49,8 @@ def make_loader(source: Sequence[str], tokenizer, *, seq_len: int, batch_size: i
     """An iterator of per-process batches: dicts of int32 numpy arrays [batch_size, seq_len].
 
     `batch_size` is the number of rows this process yields. `shard_index`/`shard_count` default to
-    `jax.process_index()`/`jax.process_count()`. `pack` is "concat" (documents laid end to end) or
+    `jax.process_index()`/`jax.process_count()`. `pack` is "concat" (documents laid end to end), "fit"
+    (the same, but a document that fits in a row is never cut) or
     "document" (one row per document, its first seq_len tokens). Documents with fewer than
     `min_doc_tokens` tokens (BOS/EOS not counted) are skipped. `seed` only matters for training.
     """

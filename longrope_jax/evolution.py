@@ -19,14 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from longrope_jax import genome
+from longrope_jax.fsutil import write_atomic
 from longrope_jax.genome import SearchSpace
 
 STATE_FILE, RESULT_FILE, CSV_FILE, ROPE_SCALING_FILE = "state.json", "result.json", "factors.csv", "rope_scaling.json"
@@ -86,19 +85,6 @@ class _State:
             population=None if pop is None else [np.asarray(c, np.int64) for c in pop],
             history={tuple(k): v for k, v in d["history"]}, pending={tuple(k): v for k, v in d["pending"]},
         )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling, then rename it over `path` (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- the search -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Write a directory atomically: build it in a temporary sibling, then rename it into place."""
+"""Atomic writes: a directory built in a temporary sibling then renamed into place; a file likewise."""
 
 from __future__ import annotations
 
@@ -53,3 +53,16 @@ def _swap_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling, then rename it over `path` (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

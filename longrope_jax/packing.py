@@ -6,6 +6,9 @@ Output rows (dicts of int32 [seq_len] arrays): `tokens`, `positions`, `segment_i
 - `concat`: documents are laid end to end and cut into rows; a document that does not fit ends
   the row and continues at the start of the next. Within a row the pieces get segment ids 1, 2, ...
   and padding (only in the last row of a finite stream) gets 0.
+- `fit`: as `concat`, but a document that fits in a row is never cut: when it does not fit in what is
+  left of the current row, that row is padded and the document starts the next one. Short documents
+  whose parts only make sense together (a passkey question and its key) stay whole.
 - `document`: one row per document, its first seq_len tokens; a shorter one is padded with 0 segments.
 
 Positions restart at 0 for every piece, including the tail of a document carried over from the
@@ -28,7 +31,7 @@ from typing import Any
 import grain
 import numpy as np
 
-PACK_MODES = ("concat", "document")
+PACK_MODES = ("concat", "fit", "document")
 
 
 class PackIterDataset(grain.IterDataset):
@@ -95,6 +98,9 @@ class PackIterator(grain.DatasetIterator):
                     break
                 self._doc, self._doc_state = item
                 self._offset = 0
+            if (self._mode == "fit" and filled and self._offset == 0
+                    and filled + len(self._doc) > self._seq_len >= len(self._doc)):
+                break  # keep it whole: it starts the next row (the state still points before it)
             piece = self._doc[self._offset: self._offset + self._seq_len - filled]
             segment += 1
             self._put(row, filled, segment, piece)

@@ -146,9 +146,9 @@ def default_tokenizer(model: str) -> str:
 
 
 def search(model: str, out_dir, *, target_length: int, original_length: int | None = None, data: str = "kjv",
-           data_dir=None, tokenizer: str | None = None, init_factors=None, max_iterations_this_run=None,
+           split: str = "validation", data_dir=None, tokenizer: str | None = None, init_factors=None, max_iterations_this_run=None,
            progress: bool = True, **settings) -> dict:
-    """Load `model` (`hf:DIR`/`jax:DIR`), build the evaluation windows from `data`'s validation split and
+    """Load `model` (`hf:DIR`/`jax:DIR`), build the evaluation windows from `data`'s `split` and
     run (or resume) the search; `settings` are SearchConfig fields. `original_length` defaults to the
     model's max_position_embeddings. A short search takes n̂ from `out_dir/long/result.json` when there
     is one (n̂ is shared by both factor sets), unless `start_tokens` is given. `init_factors` (a factors
@@ -165,12 +165,12 @@ def search(model: str, out_dir, *, target_length: int, original_length: int | No
     d_half = model_cfg.rope_scaling.rotary_dim(model_cfg.head_dim) // 2
     extra = {} if init_factors is None else {"init": genome.load_factors(init_factors, d_half)}
     tokenizer = tokenizer or default_tokenizer(model)
-    windows = eval_windows(data_lib.open_source(data, "validation", data_dir=data_dir),
+    windows = eval_windows(data_lib.open_source(data, split, data_dir=data_dir),
                            data_lib.build_tokenizer(tokenizer), config.window, config.docs)
     evaluator = PerplexityEvaluator(model_cfg, params, windows, original_length=original, target_length=target_length,
                                     candidates_per_call=config.candidates_per_call,
                                     search_start_tokens=config.search_start_tokens, start_tokens=config.start_tokens)
-    context = {"model": str(model), "data": data, "tokenizer": tokenizer,
+    context = {"model": str(model), "data": data, "split": split, "tokenizer": tokenizer,
                "init_factors": None if init_factors is None else str(init_factors)}
     return run_search(config, evaluator, out_dir, seeds={**seeds_for(config, model_cfg), **extra}, context=context,
                       max_iterations_this_run=max_iterations_this_run, progress=progress)
@@ -197,7 +197,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--target-length", type=int, required=True, help="extended context length")
     p.add_argument("--original-length", type=int, default=None, help="default: the model's max_position_embeddings")
     p.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
-    p.add_argument("--data", default="kjv", help="corpus spec; its validation split is used (default kjv)")
+    p.add_argument("--data", default="kjv", help="corpus spec (default kjv)")
+    p.add_argument("--split", default="validation", choices=("train", "validation"),
+                   help="split the evaluation documents come from (default validation)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--tokenizer", default=None, help="byte | hf:DIR | sentencepiece:FILE (default: the model "
                                                         "directory's tokenizer.json, else byte)")
@@ -228,7 +230,7 @@ def _search_cli(args) -> int:
     if args.start_tokens is not None:
         settings["start_tokens"] = args.start_tokens
     result = search(args.model, args.out, target_length=args.target_length, original_length=args.original_length,
-                    data=args.data, data_dir=args.data_dir, tokenizer=args.tokenizer, init_factors=args.init_factors,
+                    data=args.data, split=args.split, data_dir=args.data_dir, tokenizer=args.tokenizer, init_factors=args.init_factors,
                     progress=not args.no_progress, **settings)
     seeds = ", ".join(f"{k} {v:.4g}" for k, v in result["seeds"].items() if v is not None)
     print(f"{result['mode']} factors: perplexity {result['perplexity']:.4g} (seeds: {seeds}), n̂ {result['start_tokens']}, "

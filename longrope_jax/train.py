@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from longrope_jax import config as config_lib
 from longrope_jax import data as data_lib
-from longrope_jax import optim, parallel
+from longrope_jax import optim, parallel, passkey
 from longrope_jax.checkpoint import Checkpointer, abstract
 from longrope_jax.convert import TOKENIZER_FILES, load_checkpoint, save_hf
 from longrope_jax.metrics import MetricsWriter
@@ -111,6 +111,9 @@ def _row_blocks(mesh, rules, batch_size: int, seq_len: int, shards: int):
 
 def make_batches(c, mesh, rules, tokenizer, split: str, batch_size: int):
     source = data_lib.open_source(c.data.source, split, data_dir=c.data.data_dir or None, text_key=c.data.text_key)
+    if split == "train" and c.data.passkey_fraction:
+        # Byte-level: one character per token, so a passkey document (BOS and EOS added) fits one row.
+        source = passkey.Mixture(source, c.data.passkey_fraction, max_chars=c.train.seq_len - 2, seed=c.train.seed)
     sharding, blocks, n, per, cols = _row_blocks(mesh, rules, batch_size, c.train.seq_len, c.data.shards)
     it = RowBlocks(source, tokenizer, blocks=blocks, n_blocks=n, rows=per, seq_len=c.train.seq_len,
                    seed=c.train.seed, train=split == "train", pack=c.data.pack,

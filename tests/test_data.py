@@ -307,7 +307,53 @@ def test_same_seed_same_batches_other_seed_other_batches(byte, val_docs):
     assert not np.array_equal(a["tokens"], b["tokens"])
 
 
-@pytest.mark.parametrize("pack", ["concat", "document"])
+def test_fit_packing_never_cuts_a_document_that_fits_in_a_row(byte):
+    docs = VERSES[:60] + [RAW["Jonah"][0][0] * 4]  # verses (short) and one document longer than a row
+    rows = rows_of(data.make_loader(docs, byte, seq_len=SEQ, batch_size=4, seed=0, train=False, pack="fit"))
+    whole = {len(byte.encode(d)) + 2 for d in docs if len(byte.encode(d)) + 2 <= SEQ}
+    starts = ends = 0
+    for tokens, seg in zip(rows["tokens"], rows["segment_ids"]):
+        for s in range(1, seg.max() + 1):
+            piece = tokens[seg == s]
+            if piece[0] == byte.bos_id and piece[-1] == byte.eos_id:
+                assert len(piece) in whole
+            starts += piece[0] == byte.bos_id
+            ends += piece[-1] == byte.eos_id
+    assert starts == ends == len(docs)  # every document appears once, the long one cut, no other
+    concat = rows_of(data.make_loader(docs, byte, seq_len=SEQ, batch_size=4, seed=0, train=False, pack="concat"))
+    assert (concat["segment_ids"] == 0).sum() < (rows["segment_ids"] == 0).sum()  # fit pays with padding
+
+
+def test_passkey_mixture_adds_deterministic_whole_passkey_rows(byte, val_docs):
+    from longrope_jax import passkey
+
+    mix = passkey.Mixture(val_docs, 0.2, max_chars=SEQ - 2, seed=3)
+    extra = [mix[i] for i in range(len(val_docs), len(mix))]
+    assert extra == [passkey.Mixture(val_docs, 0.2, max_chars=SEQ - 2, seed=3)[i]
+                     for i in range(len(val_docs), len(mix))]
+    assert [mix[i] for i in range(len(val_docs))] == list(val_docs)
+    share = sum(map(len, extra)) / (sum(map(len, extra)) + sum(map(len, val_docs)))
+    assert 0.15 < share < 0.25, share
+    for text in extra:
+        assert len(text) <= SEQ - 2
+        key = passkey.first_integer(text)
+        assert text.endswith(f"The pass key is {key}.") and f"The pass key is {key}. Remember it." in text
+    rows = rows_of(data.make_loader(mix, byte, seq_len=SEQ, batch_size=8, seed=0, pack="fit"), 40)
+    questions = answers = 0
+    for tokens, seg in zip(rows["tokens"], rows["segment_ids"]):
+        for s in range(1, seg.max() + 1):
+            text = byte.decode(tokens[seg == s])
+            if "What is the pass key?" in text:
+                questions += 1
+                answers += "Remember it." in text  # the key is in the same segment as its question
+    assert questions > 10 and answers == questions
+    with pytest.raises(ValueError, match="passkey fraction"):
+        passkey.Mixture(val_docs, 1.0, max_chars=SEQ - 2)
+    with pytest.raises(ValueError, match="max_chars"):
+        passkey.Mixture(val_docs, 0.1, max_chars=50)
+
+
+@pytest.mark.parametrize("pack", ["concat", "fit", "document"])
 def test_set_state_mid_epoch_continues_exactly(byte, pack):
     docs = VERSES[:40]
     run = loader_for(docs, byte, pack=pack)
