@@ -9,10 +9,11 @@ from longrope_jax import __version__
 
 
 def _registrars():
-    from longrope_jax import convert, data, search, train
+    from longrope_jax import convert, data, demo, evaluate, extend, search, train
 
     return {"convert": convert.register_cli, "data": data.register_cli, "train": train.register_cli,
-            "search": search.register_cli}
+            "search": search.register_cli, "eval": evaluate.register_cli, "extend": extend.register_cli,
+            "demo": demo.register_cli}
 
 
 def build_parser() -> argparse.ArgumentParser:

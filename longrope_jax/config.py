@@ -75,24 +75,26 @@ def long_context_finetune(*, init_from: str, seq_len: int, steps: int, lr: float
     return c
 
 
-def _merge(base: ml_collections.ConfigDict, override, path: str = "config") -> None:
+def merge(base: ml_collections.ConfigDict, override, path: str = "config", open_keys=("rules",)) -> None:
+    """Lay `override` over `base` in place; a key `base` lacks raises a ValueError naming it. Sections
+    named in `open_keys` are taken whole (their keys are free)."""
     for key, value in override.items():
         where = f"{path}.{key}"
         if key not in base:
             raise ValueError(f"{where}: unknown key; expected one of {sorted(base.keys())}")
-        if key == "rules" or not isinstance(base[key], ml_collections.ConfigDict):
+        if key in open_keys or not isinstance(base[key], ml_collections.ConfigDict):
             base[key] = value
         elif not isinstance(value, (dict, ml_collections.ConfigDict)):
             raise ValueError(f"{where}: expected a section (dict), got {value!r}")
         else:
-            _merge(base[key], value, where)
+            merge(base[key], value, where, open_keys)
 
 
 def resolve(user: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
     """`default_config()` overlaid with `user`; unknown keys raise a ValueError naming them."""
     c = default_config()
     with c.unlocked():
-        _merge(c, user)
+        merge(c, user)
     return c
 
 
@@ -122,8 +124,10 @@ def rope_scaling(c: ml_collections.ConfigDict, current: RopeScaling) -> RopeScal
             d[key] = factors[key]
         if r.start_tokens:
             d["start_tokens"] = r.start_tokens
-        if "original_max_position_embeddings" not in d and "original_max_position_embeddings" in factors:
-            d["original_max_position_embeddings"] = factors["original_max_position_embeddings"]
+        # What the rope section leaves unset comes from the file (a search's n̂ and scale included).
+        for key in ("original_max_position_embeddings", "factor", "attention_factor", "start_tokens"):
+            if key not in d and key in factors:
+                d[key] = factors[key]
     try:
         return RopeScaling.from_hf(d)
     except ValueError as e:

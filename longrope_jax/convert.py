@@ -421,6 +421,19 @@ def load_checkpoint(spec: str, what: str = "checkpoint") -> tuple[LlamaConfig, d
     raise ValueError(f"{what} {spec!r}: expected 'hf:DIR' or 'jax:DIR'")
 
 
+def read_model_config(spec: str, what: str = "checkpoint") -> LlamaConfig:
+    """The LlamaConfig of `hf:DIR` or `jax:DIR`, without reading the weights."""
+    kind, _, path = str(spec).partition(":")
+    if kind == "hf" and path:
+        return read_hf_config(Path(path))
+    if kind == "jax" and path:
+        file = Path(path) / JAX_CONFIG_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"{what} {spec!r}: {file} not found (not a `convert hf-to-jax` directory?)")
+        return config_from_json(file.read_text(), str(file))
+    raise ValueError(f"{what} {spec!r}: expected 'hf:DIR' or 'jax:DIR'")
+
+
 # ---- command line ------------------------------------------------------------------------------
 
 

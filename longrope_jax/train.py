@@ -339,13 +339,13 @@ def register_cli(subparsers) -> None:
     p.set_defaults(func=_train_cli, passthrough=True)
 
 
-def parse_train_args(argv: list[str]):
+def parse_train_args(argv: list[str], command: str = "train"):
     """(ConfigDict, workdir) from absl-style flags: ml_collections.config_flags, locked config."""
     from absl import flags
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
-    full = ["longrope-jax train", *argv]
+    full = [f"longrope-jax {command}", *argv]
     # config_flags looks for the --config.x overrides in sys_argv (sys.argv by default).
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()", flag_values=fv,
                                     lock_config=True, sys_argv=full)
@@ -353,9 +353,9 @@ def parse_train_args(argv: list[str]):
     try:
         fv(full)
     except (flags.Error, KeyError, AttributeError) as e:  # config_flags reports a bad override key as these
-        raise ValueError(f"train: {e}") from None
+        raise ValueError(f"{command}: {e}") from None
     if fv.config is None or fv.workdir is None:
-        raise ValueError("train: --config FILE and --workdir DIR are both required")
+        raise ValueError(f"{command}: --config FILE and --workdir DIR are both required")
     return fv.config, fv.workdir
 
 
