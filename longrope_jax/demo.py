@@ -34,7 +34,7 @@ class Plan:
     context: int = 256
     pretrain_steps: int = 600
     pretrain_batch: int = 16
-    passkey_fraction: float = 0.1
+    passkey_fraction: float = 0.2
     eval_lengths: tuple[int, ...] = (256, 512, 1024, 2048)
     eval_doc_tokens: int = 8192  # per validation book: the first this many tokens
     search_scales: tuple[int, ...] = (4, 8)

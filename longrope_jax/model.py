@@ -2,6 +2,11 @@
 
 Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`,
 `layers`) and activations use `batch`, `length`; sharding rules map them to mesh axes elsewhere.
+
+KV cache (for decoding, see `generate.py`): `init_cache` builds a fixed-size cache and
+`Llama.__call__(..., cache=cache)` writes the new tokens' keys/values at `cache["index"]` and returns
+`(logits, new_cache)`. Keys are cached after RoPE; when the frequencies change (LongRoPE's switch,
+dynamic NTK) the caller must recompute the cache (generate.py does).
 """
 
 from __future__ import annotations
@@ -214,9 +219,12 @@ class Attention(nn.Module):
     rules: Any = None
 
     @nn.compact
-    def __call__(self, x_BxLxE, cos, sin, positions_BxL, segment_ids_BxL):
+    def __call__(self, x_BxLxE, cos, sin, positions_BxL, segment_ids_BxL, kv=None, kv_mask_BxLxS=None, kv_index=None):
+        """Without `kv`: the attention output. With `kv` ({"k", "v"}: [B, S, K, D] buffers of one layer):
+        writes this call's keys/values at `kv_index`, attends densely over the whole buffer under
+        `kv_mask_BxLxS`, and returns `(output, new_kv)`."""
         cfg = self.config
-        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
         def proj(name, heads, axis):
             return nn.DenseGeneral(
@@ -226,15 +234,24 @@ class Attention(nn.Module):
             )(x_BxLxE)
 
         q_BxLxHxD = apply_rotary(proj("q_proj", h, "heads"), cos, sin)
-        k_BxLxKxD = apply_rotary(proj("k_proj", kv, "kv_heads"), cos, sin)
-        v_BxLxKxD = proj("v_proj", kv, "kv_heads")
+        k_BxLxKxD = apply_rotary(proj("k_proj", kv_heads, "kv_heads"), cos, sin)
+        v_BxLxKxD = proj("v_proj", kv_heads, "kv_heads")
         q_BxLxHxD = _constrain(self, q_BxLxHxD, ("batch", "length", "heads", "head_dim"))
-        o_BxLxHxD = self._attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, positions_BxL, segment_ids_BxL)
-        return nn.DenseGeneral(
+        if kv is None:
+            o_BxLxHxD = self._attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, positions_BxL, segment_ids_BxL)
+        else:
+            # Decoding: dense over the cache; the mask (positions, segments) hides empty slots.
+            k_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(kv["k"], k_BxLxKxD.astype(kv["k"].dtype), kv_index, axis=1)
+            v_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(kv["v"], v_BxLxKxD.astype(kv["v"].dtype), kv_index, axis=1)
+            o_BxLxHxD = attn_lib.dense_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, kv_mask_BxLxS)
+        out_BxLxE = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype,
             param_dtype=cfg.jnp_param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
             bias_init=_init(cfg, ("embed",), nn.initializers.zeros), name="o_proj",
         )(o_BxLxHxD)
+        if kv is None:
+            return out_BxLxE
+        return out_BxLxE, {"k": k_BxSxKxD, "v": v_BxSxKxD}
 
 
     def _attend(self, q, k, v, positions, segment_ids):
@@ -282,12 +299,16 @@ class DecoderLayer(nn.Module):
     rules: Any = None
 
     @nn.compact
-    def __call__(self, x_BxLxE, cos, sin, positions_BxL, segment_ids_BxL):
+    def __call__(self, x_BxLxE, cos, sin, positions_BxL, segment_ids_BxL, kv=None, kv_mask_BxLxS=None, kv_index=None):
+        """Returns (x, new_kv); new_kv is None without a cache (the per-layer output of `nn.scan`)."""
         cfg = self.config
-        h = Attention(cfg, self.mesh, self.rules, name="self_attn")(RMSNorm(cfg, name="input_layernorm")(x_BxLxE), cos, sin, positions_BxL, segment_ids_BxL)
+        attn = Attention(cfg, self.mesh, self.rules, name="self_attn")
+        h = attn(RMSNorm(cfg, name="input_layernorm")(x_BxLxE), cos, sin, positions_BxL, segment_ids_BxL,
+                 kv, kv_mask_BxLxS, kv_index)
+        h, kv = (h, None) if kv is None else h
         x_BxLxE = x_BxLxE + h
         x_BxLxE = x_BxLxE + MLP(cfg, self.mesh, self.rules, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x_BxLxE))
-        return _constrain(self, x_BxLxE, ("batch", "length", "embed")), None
+        return _constrain(self, x_BxLxE, ("batch", "length", "embed")), kv
 
 
 class Embed(nn.Module):
@@ -321,6 +342,8 @@ class Llama(nn.Module):
     `rope_scaling` overrides the config's (it may hold traced LongRoPE factors / start_tokens).
     `mesh` and `rules` (logical -> mesh axes; default `parallel.DEFAULT_RULES` when a mesh is given)
     shard activations; without a mesh the model runs unconstrained.
+
+    With `cache` (from `init_cache`) it returns `(logits, new_cache)`: see `_cached_layers`.
     """
 
     config: LlamaConfig
@@ -329,19 +352,30 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL, positions=None, segment_ids=None, rope_scaling: RopeScaling | None = None,
-                 balanced: bool = False):
+                 balanced: bool = False, cache: dict | None = None, logits_at=None):
         """`balanced=True` says the inputs already are in the ring's zig-zag order (the data layer
         reordered them, positions included); logits then come back in that order too. Otherwise,
-        with ring attention and `ring_zigzag`, the model reorders on entry and restores on exit."""
+        with ring attention and `ring_zigzag`, the model reorders on entry and restores on exit.
+
+        With a `cache`, `positions` default to `cache["index"] + arange(L)` and `segment_ids` must be
+        >= 1 (0 marks empty cache slots); the attention kernel is always dense over the cache.
+        `logits_at` (cached calls only; an index into L, may be traced) returns the logits of that one
+        token, [B, 1, V], rather than [B, L, V] (a prefill needs only the last)."""
         cfg = self.config
         b, length = tokens_BxL.shape
+        if logits_at is not None and cache is None:
+            raise ValueError("Llama: logits_at is for cached calls; pass cache= too")
         if positions is None:
             positions = jnp.arange(length, dtype=jnp.int32)
+            if cache is not None:
+                positions = positions + cache["index"]
         positions_BxL = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, length))
         if segment_ids is None:
             segment_ids = jnp.ones((b, length), jnp.int32)
         segment_ids_BxL = jnp.broadcast_to(jnp.asarray(segment_ids, jnp.int32), (b, length))
-        shards = attn_lib.seq_shards(self.mesh, rules_of(self)) if cfg.attention == "ring" else 1
+        shards = 1
+        if cfg.attention == "ring" and cache is None:
+            shards = attn_lib.seq_shards(self.mesh, rules_of(self))
         reorder = cfg.ring_zigzag and shards > 1 and not balanced
         if reorder:
             tokens_BxL, positions_BxL, segment_ids_BxL = (
@@ -359,7 +393,10 @@ class Llama(nn.Module):
         if cfg.remat_policy != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
         args = (cos, sin, positions_BxL, segment_ids_BxL)
-        if cfg.scan_layers:
+        new_cache = None
+        if cache is not None:
+            x_BxLxE, new_cache = self._cached_layers(block, x_BxLxE, args, cache)
+        elif cfg.scan_layers:
             stack = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(nn.broadcast,) * len(args), length=cfg.num_hidden_layers,
@@ -370,6 +407,8 @@ class Llama(nn.Module):
             for i in range(cfg.num_hidden_layers):
                 x_BxLxE, _ = block(cfg, self.mesh, self.rules, name=f"layers_{i}")(x_BxLxE, *args)
 
+        if logits_at is not None:
+            x_BxLxE = jax.lax.dynamic_slice_in_dim(x_BxLxE, logits_at, 1, axis=1)
         x_BxLxE = RMSNorm(cfg, name="norm")(x_BxLxE)
         if cfg.tie_word_embeddings:
             logits_BxLxV = embed.attend(x_BxLxE)
@@ -379,7 +418,56 @@ class Llama(nn.Module):
                 kernel_init=_init(cfg, ("embed", "vocab")), name="lm_head",
             )(x_BxLxE)
         logits_BxLxV = _constrain(self, logits_BxLxV, ("batch", "length", "vocab")).astype(jnp.float32)
+        if new_cache is not None:
+            return logits_BxLxV, new_cache
         return attn_lib.unzigzag(logits_BxLxV, shards) if reorder else logits_BxLxV
+
+    def _cached_layers(self, block, x_BxLxE, args, cache):
+        """The layer stack over a KV cache: the L new tokens go to slots [index, index + L).
+
+        Queries attend to every slot whose (position, segment) the mask allows, so slots with
+        segment id 0 (empty, or padding a caller wrote there) are never seen by real tokens.
+        """
+        cfg = self.config
+        _, _, positions_BxL, segment_ids_BxL = args
+        index = cache["index"]
+        k_pos_BxS = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions_BxL, index, axis=1)
+        k_seg_BxS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_BxL, index, axis=1)
+        mask_BxLxS = attn_lib.attention_mask(positions_BxL, k_pos_BxS, segment_ids_BxL, k_seg_BxS, cfg.sliding_window)
+        kv = {"k": cache["k"], "v": cache["v"]}  # [layers, B, S, K, D] each
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * len(args) + (0, nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, self.mesh, self.rules, name="layers")
+            x_BxLxE, kv = stack(x_BxLxE, *args, kv, mask_BxLxS, index)
+        else:
+            layers = []
+            for i in range(cfg.num_hidden_layers):
+                kv_i = jax.tree.map(lambda a: a[i], kv)
+                x_BxLxE, kv_i = block(cfg, self.mesh, self.rules, name=f"layers_{i}")(
+                    x_BxLxE, *args, kv_i, mask_BxLxS, index)
+                layers.append(kv_i)
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+        length = positions_BxL.shape[1]
+        return x_BxLxE, {**kv, "positions": k_pos_BxS, "segment_ids": k_seg_BxS, "index": index + length}
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int) -> dict:
+    """An empty KV cache of `max_len` slots, in the model's compute dtype.
+
+    k, v: [layers, B, S, K, D] (stacked per layer, as the scanned parameters are); positions and
+    segment_ids [B, S] of the cached keys (segment 0 = empty); index: the next slot to write.
+    """
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, config.jnp_dtype),
+        "v": jnp.zeros(shape, config.jnp_dtype),
+        "positions": jnp.zeros((batch, max_len), jnp.int32),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
 
 
 def init_params(config: LlamaConfig, rng: jax.Array, length: int = 8) -> dict:

@@ -1,0 +1,163 @@
+"""The demo study's stages (see `demo`): each reads earlier stages' outputs from the workdir."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from longrope_jax.rope import RopeScaling
+
+FINETUNES = ("pi", "yarn", "longrope")
+CONFIG_FILE = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.py"
+
+
+def tiny_config():
+    """configs/tiny_cpu.py's get_config() (the demo runs from a source checkout, as `make demo` does)."""
+    if not CONFIG_FILE.is_file():
+        raise FileNotFoundError(f"demo: {CONFIG_FILE} not found; run the demo from a source checkout (make demo)")
+    spec = importlib.util.spec_from_file_location("tiny_cpu", CONFIG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+class Study:
+    def __init__(self, workdir: Path, plan):
+        self.workdir, self.plan = workdir, plan
+
+    def stages(self):
+        p = self.plan
+        out = [("prepare", self.prepare), ("pretrain", self.pretrain)]
+        out += [(f"search_{s}x", lambda s=s: self.search(s)) for s in p.search_scales]
+        out += [("eval_base", self.eval_base)]
+        out += [(f"finetune_{m}", lambda m=m: self.finetune(m)) for m in FINETUNES]
+        out += [("eval_tuned", self.eval_tuned), ("export", self.export), ("report", self.report)]
+        return out
+
+    # ---- paths -------------------------------------------------------------------------------------
+
+    def model_dir(self, name: str) -> Path:
+        return self.workdir / name / "hf"
+
+    def factors_file(self, scale: int) -> Path:
+        from longrope_jax.evolution import ROPE_SCALING_FILE
+
+        return self.workdir / f"search_{scale}x" / ROPE_SCALING_FILE
+
+    # ---- stages ------------------------------------------------------------------------------------
+
+    def prepare(self):
+        from longrope_jax import sources
+
+        sources.prepare("kjv")
+        return {"train_docs": len(sources.open_source("kjv", "train")),
+                "validation_docs": len(sources.open_source("kjv", "validation"))}
+
+    def pretrain(self):
+        from longrope_jax.train import train
+
+        p = self.plan
+        c = tiny_config()
+        c.train.update(steps=p.pretrain_steps, batch_size=p.pretrain_batch, seq_len=p.context)
+        c.data.update(passkey_fraction=p.passkey_fraction, pack="fit")
+        c.eval.every_steps = max(p.pretrain_steps // 3, 1)
+        c.checkpoint.every_steps = max(p.pretrain_steps // 3, 1)
+        c.export_hf = True
+        summary = train(c, self.workdir / "pretrain")
+        return {"loss": (summary.get("last") or {}).get("loss"), "eval": summary.get("eval")}
+
+    def search(self, scale: int):
+        from longrope_jax.search import search
+
+        p = self.plan
+        result = search(f"hf:{self.model_dir('pretrain')}", self.workdir / f"search_{scale}x",
+                        target_length=p.context * scale, split="train", **p.search)
+        return {"perplexity": result["perplexity"], "seeds": result["seeds"], "evaluated": result["evaluated"]}
+
+    def base_methods(self) -> dict:
+        p = self.plan
+        methods = {"none": RopeScaling()}
+        for s in p.search_scales:
+            f = float(s)
+            methods[f"PI {s}x"] = RopeScaling("linear", factor=f)
+            methods[f"NTK {s}x"] = RopeScaling("ntk", factor=f)
+            methods[f"YaRN {s}x"] = RopeScaling("yarn", factor=f, original_max_position_embeddings=p.context)
+            methods[f"LongRoPE {s}x"] = RopeScaling.from_hf(json.loads(self.factors_file(s).read_text()))
+        methods["dynamic NTK"] = RopeScaling("dynamic", factor=1.0)
+        return methods
+
+    def eval_base(self):
+
+        p = self.plan
+        methods = self.base_methods()
+        passkey_methods = {k: v for k, v in methods.items() if k in ("none", f"PI {p.finetune_scale}x",
+                                                                     f"YaRN {p.finetune_scale}x",
+                                                                     f"LongRoPE {p.finetune_scale}x")}
+        return self._evaluate("eval_base", {"base": (self.model_dir("pretrain"), methods, passkey_methods)})
+
+    def finetune(self, method: str):
+        from longrope_jax.train import train
+
+        p = self.plan
+        c = tiny_config()
+        c.init_from = f"hf:{self.model_dir('pretrain')}"
+        length = p.finetune_length
+        c.model.max_position_embeddings = length
+        c.train.update(steps=p.finetune_steps, batch_size=p.finetune_batch, seq_len=length)
+        c.optimizer.update(lr=p.finetune_lr, warmup_steps=max(p.finetune_steps // 10, 1))
+        c.data.update(passkey_fraction=p.passkey_fraction, pack="fit")
+        c.eval.update(every_steps=p.finetune_steps, batch_size=p.finetune_batch)
+        c.checkpoint.every_steps = p.finetune_steps
+        c.export_hf = True
+        if method == "pi":
+            c.rope.update(type="linear", factor=float(p.finetune_scale))
+        elif method == "yarn":
+            c.rope.update(type="yarn", factor=float(p.finetune_scale), original_max_position_embeddings=p.context)
+        else:
+            c.rope.update(type="longrope", factors_file=str(self.factors_file(p.finetune_scale)))
+        summary = train(c, self.workdir / f"finetune_{method}")
+        return {"loss": (summary.get("last") or {}).get("loss"), "eval": summary.get("eval")}
+
+    def eval_tuned(self):
+        models = {f"{m} fine-tuned": (self.model_dir(f"finetune_{m}"), {"own": None}, {"own": None})
+                  for m in FINETUNES}
+        return self._evaluate("eval_tuned", models)
+
+    def _evaluate(self, name: str, models: dict):
+        """Perplexity over eval_lengths and passkey over passkey_lengths x depths for each model."""
+        from longrope_jax import evaluate, perplexity
+        from longrope_jax.convert import load_hf
+        from longrope_jax.data import build_tokenizer, open_source
+
+        p = self.plan
+        tokenizer = build_tokenizer("byte")
+        docs = [np.asarray(tokenizer.encode(d)[: p.eval_doc_tokens], np.int32) for d in open_source("kjv", "validation")]
+        ppl_rows, passkey_rows = [], []
+        for model_name, (path, methods, passkey_methods) in models.items():
+            config, params = load_hf(path)
+            for n in p.eval_lengths:  # stride L/2: every token scored once, with at least L/2 context
+                rows = perplexity.evaluate_perplexity(config, params, docs, lengths=[n], methods=methods,
+                                                      stride=n // 2, bos_id=tokenizer.bos_id, batch_size=8)
+                ppl_rows += [{"model": model_name, **r} for r in rows]
+            rows = evaluate.evaluate_passkey(config, params, tokenizer, lengths=list(p.passkey_lengths),
+                                             depths=p.passkey_depths, trials=p.passkey_trials,
+                                             methods=passkey_methods, seed=0)
+            passkey_rows += [{"model": model_name, **r} for r in rows]
+        out = self.workdir / name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "perplexity.json").write_text(json.dumps(ppl_rows, indent=1))
+        (out / "passkey.json").write_text(json.dumps(passkey_rows, indent=1))
+        return {"rows": len(ppl_rows) + len(passkey_rows)}
+
+    def export(self):
+        from longrope_jax import demo_export
+
+        return demo_export.check_export(self.model_dir("finetune_longrope"), self.workdir / "export", self.plan)
+
+    def report(self):
+        from longrope_jax import demo_report
+
+        return demo_report.write_report(self.workdir, self.plan)

@@ -1,0 +1,256 @@
+"""Greedy and sampled decoding with a KV cache.
+
+The cache (`model.init_cache`) has a fixed size, prompt length + max_new_tokens - 1 slots (the last
+token is never fed back), so everything compiles once: the prompt is prefilled in one forward, then a
+jitted `decode_step`, called from a Python loop, feeds one token at a time and writes its keys/values
+at the next slot (the same compiled step for every token; the loop stops once all rows hit EOS).
+Attention over the cache is dense, so a prefill holds [T, T + max_new_tokens] scores per head.
+
+Keys are cached after RoPE, so a cached step equals a forward over the whole sequence so far (the
+reference semantics) only while the RoPE frequencies stay the same. Two variants change them with the
+length (seq_len = max(position) + 1, as in `rope.rope_cos_sin`):
+
+- LongRoPE switches from short to long factors once seq_len > original_max_position_embeddings. At
+  that one step we *re-prefill*: recompute the whole cache from all tokens so far with the long
+  factors. After that the factors stay long and the cache stays valid.
+- Dynamic NTK grows its base at every step beyond max_position_embeddings. Rotating cached pre-RoPE
+  keys would not be exact (the hidden states of every layer past the first depend on the base too), so
+  we re-prefill at *every* step beyond max_position_embeddings: exact, but each such step costs a full
+  forward over the cache.
+
+A re-prefill runs the model over the whole token buffer; slots not yet written get segment id 0 and
+position 0, so real tokens never see them and seq_len is that of the tokens so far. Every other rope
+type has fixed frequencies and never re-prefills.
+
+After `eos_id` a row keeps emitting `eos_id`; the loop stops early once every row has emitted it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from longrope_jax.model import Llama, LlamaConfig, init_cache
+from longrope_jax.rope import RopeScaling, use_long_factors
+
+
+def _check_int(name: str, v, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
+    return int(v)
+
+
+def check_prompts(config: LlamaConfig, prompts_BxT) -> np.ndarray:
+    """int32 [B, T] with T >= 1 and every id in [0, vocab_size), else ValueError."""
+    p = np.asarray(prompts_BxT)
+    if p.ndim != 2 or p.shape[0] < 1 or p.shape[1] < 1:
+        raise ValueError(
+            f"prompts_BxT: expected a non-empty 2-D [batch, length] array of token ids, got shape {p.shape}"
+        )
+    if not np.issubdtype(p.dtype, np.integer):
+        raise ValueError(f"prompts_BxT: expected integer token ids, got dtype {p.dtype}")
+    bad = (p < 0) | (p >= config.vocab_size)
+    if bad.any():
+        raise ValueError(
+            f"prompts_BxT: token id {int(p[bad][0])} is outside the vocabulary; "
+            f"expected ids in [0, {config.vocab_size})"
+        )
+    return p.astype(np.int32)
+
+
+# ---- cached forward passes ------------------------------------------------------------------------
+
+
+def _scaling(config: LlamaConfig, rope_scaling: RopeScaling | None) -> RopeScaling:
+    return rope_scaling if rope_scaling is not None else config.rope_scaling
+
+
+def _forward(config, params, tokens_BxL, cache, scaling, logits_at, positions=None, segment_ids=None):
+    """Cached forward -> (logits [B, V] of token `logits_at`, new cache)."""
+    logits_Bx1xV, cache = Llama(config).apply(
+        {"params": params}, tokens_BxL, positions, segment_ids, scaling, cache=cache, logits_at=logits_at
+    )
+    return logits_Bx1xV[:, 0], cache
+
+
+def _prefill(config, params, prompts_BxT, max_len, scaling):
+    b, t = prompts_BxT.shape
+    logits_BxV, cache = _forward(config, params, prompts_BxT, init_cache(config, b, max_len), scaling, t - 1)
+    tokens_BxS = jnp.zeros((b, max_len), jnp.int32).at[:, :t].set(prompts_BxT)
+    return logits_BxV, {"cache": cache, "tokens": tokens_BxS}
+
+
+def _refill_needed(config: LlamaConfig, scaling: RopeScaling, pos):
+    """Traced bool: do the frequencies for the token at `pos` differ from the last forward's?
+    None when they never change (no re-prefill code is compiled)."""
+    if scaling.rope_type == "longrope":
+        return use_long_factors(scaling, pos + 1) & ~use_long_factors(scaling, pos)
+    if scaling.rope_type == "dynamic":
+        return pos + 1 > config.max_position_embeddings  # the base grows at every such step
+    return None
+
+
+def _decode(config, params, state, tok_B, scaling):
+    cache, tokens_BxS = state["cache"], state["tokens"]
+    pos = cache["index"]
+    tokens_BxS = lax.dynamic_update_slice_in_dim(tokens_BxS, tok_B[:, None], pos, axis=1)
+
+    def step(cache):
+        return _forward(config, params, tok_B[:, None], cache, scaling, 0)
+
+    def refill(cache):
+        # The whole buffer again from slot 0; unwritten slots are segment 0 at position 0.
+        s = tokens_BxS.shape[1]
+        valid_S = jnp.arange(s) <= pos
+        positions_S = jnp.where(valid_S, jnp.arange(s, dtype=jnp.int32), 0)
+        logits_BxV, cache = _forward(
+            config, params, tokens_BxS, {**cache, "index": jnp.zeros((), jnp.int32)}, scaling, pos,
+            positions_S, valid_S.astype(jnp.int32),
+        )
+        return logits_BxV, {**cache, "index": pos + 1}
+
+    needed = _refill_needed(config, scaling, pos)
+    logits_BxV, cache = step(cache) if needed is None else lax.cond(needed, refill, step, cache)
+    return logits_BxV, {"cache": cache, "tokens": tokens_BxS}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "scaling"))
+def _prefill_jit(config, params, prompts_BxT, max_len, scaling):
+    return _prefill(config, params, prompts_BxT, max_len, scaling)
+
+
+# The old state is donated: the cache is updated in place rather than copied at every token.
+@functools.partial(jax.jit, static_argnames=("config", "scaling"), donate_argnames=("state",))
+def _decode_jit(config, params, state, tok_B, scaling):
+    return _decode(config, params, state, tok_B, scaling)
+
+
+def prefill(config: LlamaConfig, params, prompts_BxT, max_len: int, *, rope_scaling: RopeScaling | None = None):
+    """Run the prompt into a fresh cache of `max_len` slots -> (next-token logits [B, V] float32, state).
+
+    `state` is {"cache": model cache, "tokens": [B, max_len] tokens so far (for re-prefills)}.
+    """
+    p = check_prompts(config, prompts_BxT)
+    if _check_int("max_len", max_len, 1) < p.shape[1]:
+        raise ValueError(f"max_len: expected at least the prompt length {p.shape[1]}, got {max_len}")
+    return _prefill_jit(config, params, jnp.asarray(p), int(max_len), _scaling(config, rope_scaling))
+
+
+def decode_step(config: LlamaConfig, params, state: dict, tokens_B, *, rope_scaling: RopeScaling | None = None):
+    """Feed one token per row at the next position -> (next-token logits [B, V] float32, new state).
+
+    Re-prefills the cache when the RoPE frequencies change (see the module docstring). `state` is
+    donated (do not reuse it); feed no more tokens than the cache has slots.
+    """
+    tok_B = jnp.asarray(tokens_B, jnp.int32).reshape(-1)
+    return _decode_jit(config, params, state, tok_B, _scaling(config, rope_scaling))
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+
+def _pick(logits_BxV, key, temperature, top_p, *, greedy: bool, top_k: int | None, use_top_p: bool):
+    """Next tokens [B] int32: argmax, or a sample from softmax(logits / temperature) cut to top_k / top_p."""
+    if greedy:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    x_BxV = logits_BxV / temperature
+    if top_k is not None:
+        kth_Bx1 = lax.top_k(x_BxV, min(top_k, x_BxV.shape[-1]))[0][:, -1:]
+        x_BxV = jnp.where(x_BxV < kth_Bx1, -jnp.inf, x_BxV)
+    if use_top_p:
+        # Nucleus: the smallest set of most likely tokens whose mass reaches top_p (at least one).
+        sorted_BxV = -jnp.sort(-x_BxV, axis=-1)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        keep_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < top_p
+        cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        x_BxV = jnp.where(x_BxV < cutoff_Bx1, -jnp.inf, x_BxV)
+    return jax.random.categorical(key, x_BxV, axis=-1).astype(jnp.int32)
+
+
+_pick_jit = jax.jit(_pick, static_argnames=("greedy", "top_k", "use_top_p"))
+
+
+def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, rope_scaling: RopeScaling | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
+             eos_id: int | None = None) -> np.ndarray:
+    """Continue each prompt (all of length T) by `max_new_tokens` tokens -> int32 [B, max_new_tokens].
+
+    temperature 0 is greedy (top_k/top_p ignored); otherwise sample from softmax(logits / temperature)
+    restricted to the top_k most likely tokens and then to the top_p nucleus, with `rng` (required; the
+    same rng gives the same tokens). After `eos_id` a row keeps emitting `eos_id`.
+    `rope_scaling` overrides the config's. The prefill compiles once per (config, scaling, B, T,
+    max_new_tokens), the decode step once per (config, scaling, B, T + max_new_tokens); temperature and
+    top_p are traced, top_k is static.
+    """
+    p = check_prompts(config, prompts_BxT)
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) \
+            or not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature: expected a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None:
+        top_k = _check_int("top_k", top_k, 1)
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+    if eos_id is not None:
+        eos_id = _check_int("eos_id", eos_id, 0)
+        if eos_id >= config.vocab_size:
+            raise ValueError(f"eos_id: expected None or an id in [0, {config.vocab_size}), got {eos_id}")
+    greedy = temperature == 0
+    if rng is None:
+        if not greedy:
+            raise ValueError("rng: expected a jax.random key when temperature > 0 (sampling), got None")
+        rng = jax.random.key(0)  # unused by greedy decoding
+    elif not isinstance(rng, jax.Array):
+        raise ValueError(f"rng: expected a jax.random key, got {type(rng).__name__}")
+    elif not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)  # a raw uint32 key from jax.random.PRNGKey
+    scaling = _scaling(config, rope_scaling)
+    pick = functools.partial(
+        _pick_jit, temperature=jnp.float32(temperature or 1.0), top_p=jnp.float32(top_p or 1.0), greedy=greedy,
+        top_k=None if greedy else top_k, use_top_p=not greedy and top_p is not None and top_p < 1,
+    )
+    b, t = p.shape
+    out_BxN = np.full((b, max_new_tokens), 0 if eos_id is None else eos_id, np.int32)
+    done_B = np.zeros((b,), bool)
+    # A jitted step called from Python: compiled once, shared with prefill/decode_step.
+    logits_BxV, state = _prefill_jit(config, params, jnp.asarray(p), t + max_new_tokens - 1, scaling)
+    for i in range(max_new_tokens):
+        tok_B = np.asarray(pick(logits_BxV, jax.random.fold_in(rng, i)))
+        out_BxN[:, i] = np.where(done_B, out_BxN[:, i], tok_B)
+        if eos_id is not None:
+            done_B |= tok_B == eos_id
+            if done_B.all():
+                break
+        if i + 1 < max_new_tokens:
+            logits_BxV, state = _decode_jit(config, params, state, jnp.asarray(out_BxN[:, i]), scaling)
+    return out_BxN
+
+
+def generate_text(config: LlamaConfig, params, tokenizer, prompts: list[str], max_new_tokens: int, **kw) -> list[str]:
+    """Decode continuations of text prompts (each BOS + tokenizer.encode(text)).
+
+    Prompts of equal token length run as one batch. `eos_id` defaults to the tokenizer's; the text
+    stops before it. Other keywords go to `generate`.
+    """
+    if isinstance(prompts, str) or not all(isinstance(x, str) for x in prompts):
+        raise ValueError("prompts: expected a list of strings")
+    eos_id = kw.setdefault("eos_id", getattr(tokenizer, "eos_id", None))
+    bos = [tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []
+    ids = [bos + list(tokenizer.encode(text)) for text in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, x in enumerate(ids):
+        by_length.setdefault(len(x), []).append(i)
+    texts = [""] * len(prompts)
+    for rows in by_length.values():
+        out_BxN = generate(config, params, np.array([ids[i] for i in rows], np.int32), max_new_tokens, **kw)
+        for i, row in zip(rows, out_BxN):
+            row = list(row)
+            if eos_id is not None and eos_id in row:
+                row = row[: row.index(eos_id)]
+            texts[i] = tokenizer.decode(row)
+    return texts
