@@ -99,7 +99,8 @@ class Stages:
         exp = self.expected
         if not exp:
             return f"elapsed {_clock(time.perf_counter() - start)}"
-        measured = [n for n in self.done if n in exp and "seconds" in self.done[n]]
+        # Stages planned under 30 s (preparing data, writing the report) say little about speed.
+        measured = [n for n in self.done if exp.get(n, 0) >= 30 and "seconds" in self.done[n]]
         speed = (sum(self.done[n]["seconds"] for n in measured) / max(sum(exp[n] for n in measured), 1e-9)
                  if measured else 1.0)
         left = speed * sum(exp.get(n, 0) for n in remaining)
