@@ -74,7 +74,7 @@ class Plan:
 class Stages:
     """Runs stages in order, records their wall time in WORKDIR/stages.json and skips finished ones."""
 
-    def __init__(self, workdir: Path, expected_s: dict | None = None, out=sys.stderr):
+    def __init__(self, workdir: Path, expected_s: dict | None = None, out=None):
         """`expected_s`: planned seconds per stage, for the ETA (none: no ETA)."""
         self.workdir, self.expected, self.out = workdir, expected_s or {}, out
         self.path = workdir / STAGES_FILE
@@ -108,7 +108,7 @@ class Stages:
         return f"elapsed {_clock(elapsed)}, ETA {_clock(left)}"
 
     def _say(self, msg: str) -> None:
-        print(f"demo {msg}", file=self.out, flush=True)
+        print(f"demo {msg}", file=self.out or sys.stderr, flush=True)  # looked up now: capture may replace it
 
 
 def _clock(seconds: float) -> str:
@@ -116,7 +116,7 @@ def _clock(seconds: float) -> str:
     return f"{m}:{s:02d}"
 
 
-def run_demo(workdir, *, quick: bool = False, out=sys.stderr) -> dict:
+def run_demo(workdir, *, quick: bool = False, out=None) -> dict:
     from longrope_jax import demo_stages
 
     workdir = Path(workdir)
@@ -131,7 +131,8 @@ def run_demo(workdir, *, quick: bool = False, out=sys.stderr) -> dict:
     study = demo_stages.Study(workdir, plan)
     times = Stages(workdir, plan.expected_s, out).run(study.stages())
     total = sum(v["seconds"] for v in times.values())
-    print(f"demo: finished in {_clock(total)} of stage time; report: {workdir / 'report.md'}", file=out, flush=True)
+    print(f"demo: finished in {_clock(total)} of stage time; report: {workdir / 'report.md'}", file=out or sys.stderr,
+          flush=True)
     return times
 
 

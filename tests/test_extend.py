@@ -93,3 +93,9 @@ def test_extend_config_errors_name_the_key(tmp_path):
         extend.resolve({"model": "hf:x", "stage1_length": 512, "stage2_length": 256, "finetune": {"config": "x.py"}})
     with pytest.raises(ValueError, match="config.serach: unknown key"):
         extend.resolve({"model": "hf:x", "serach": {}})
+
+
+def test_shipped_extend_config_resolves():
+    c = extend.resolve(_config(REPO / "configs" / "extend_tiny.py"))
+    assert c.original_length == 0 and c.stage1_length < c.stage2_length
+    assert (REPO / c.finetune.config).is_file()
