@@ -7,13 +7,12 @@ dense attention without a mesh (for blockwise and ring under a mesh).
 
 import json
 import math
-import os
 
 import jax
 import numpy as np
 import pytest
 
-from longrope_jax import cli, data, evaluate, parallel, perplexity, report
+from longrope_jax import cli, evaluate, parallel, perplexity, report
 from longrope_jax.convert import save_jax
 from longrope_jax.model import Llama, LlamaConfig, init_params
 from longrope_jax.rope import RopeScaling
@@ -371,13 +370,6 @@ def test_write_results_writes_json_plots_and_tables(tmp_path):
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def kjv_dir(tmp_path_factory) -> str:
-    d = os.environ.get("LONGROPE_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
-    data.prepare("kjv", d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """`longrope-jax extend`: every stage runs on a tiny model, re-running skips them, the export is right."""
 
 import json
-import os
 import textwrap
 from pathlib import Path
 
@@ -9,18 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from longrope_jax import cli, data, extend
+from longrope_jax import cli, extend
 from longrope_jax.convert import load_hf, save_hf
 from longrope_jax.model import Llama, LlamaConfig, init_params
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def kjv_dir(tmp_path_factory) -> str:
-    d = os.environ.get("LONGROPE_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
-    data.prepare("kjv", d)
-    return d
 
 
 def test_extend_runs_every_stage_resumes_and_exports_both_factor_sets(tmp_path, kjv_dir, capsys):

@@ -7,7 +7,6 @@ float64 log-softmax over the model's full logits (perplexity), an uninterrupted 
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import jax
@@ -30,13 +29,6 @@ def tiny_config(**kw) -> LlamaConfig:
     return LlamaConfig(vocab_size=264, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, max_position_embeddings=ORIG, bos_token_id=256, eos_token_id=257,
                        initializer_range=0.3, **kw)
-
-
-@pytest.fixture(scope="module")
-def kjv_dir(tmp_path_factory) -> str:
-    d = os.environ.get("LONGROPE_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
-    data.prepare("kjv", d)
-    return d
 
 
 @pytest.fixture(scope="module")
