@@ -103,6 +103,56 @@ def findings(plan, base, tuned, tuned_passkey) -> list[dict]:
     return out
 
 
+def discussion(plan, base, base_pk, tuned, tuned_pk) -> list[str]:
+    """A few sentences reading the measured numbers against the papers' claims (held or not)."""
+    L, out = plan.context, []
+    at = {n: _ppl(base, "none", n) for n in plan.eval_lengths}
+    if at.get(L) and len(at) > 1:
+        far = max(n for n in at if at[n] is not None)
+        ratio = at[far] / at[L]
+        if ratio > 3:
+            out.append(f"Without scaling, perplexity grows {ratio:.3g}x from {L} to {far} tokens: positions beyond "
+                       "the trained window break the model, as in the PI paper (Fig. 1/Table 1).")
+        else:
+            out.append(
+                f"Without scaling, perplexity grows only {ratio:.3g}x from {L} to {far} tokens, not the blow-up the PI "
+                "paper shows for LLaMA, likely because a byte-level model this small predicts mostly from the last "
+                "few dozen characters, so the unseen rotation angles at long distances touch little of its "
+                "attention mass.")
+    pi_last = False
+    for s in plan.search_scales:
+        n = s * L
+        vals = {m: _ppl(base, f"{m} {s}x", n) for m in ("PI", "NTK", "YaRN", "LongRoPE")}
+        if None in vals.values():
+            continue
+        order = sorted(vals, key=vals.get)
+        pi_last |= order[-1] == "PI"
+        out.append(f"At {s}x ({n} tokens) without fine-tuning the order is "
+                   + " < ".join(f"{m} {_fmt(vals[m])}" for m in order) + ".")
+    if pi_last:
+        out.append("PI divides every frequency by s, so neighbouring tokens become hard to tell apart (YaRN's loss of "
+                   "high-frequency information); NTK, YaRN and LongRoPE leave the high frequencies nearly untouched, "
+                   "which is why they do far better before fine-tuning.")
+    acc_base = passkey_accuracy(base_pk).get(("base", "none"), {})
+    if acc_base.get(L) is not None:
+        if acc_base[L] < 0.5:
+            out.append(
+                f"The base model retrieves the passkey in only {acc_base[L]:.0%} of prompts at L={L}: pretraining at "
+                "this budget did not form the retrieval skill, so the passkey rows after fine-tuning do not test "
+                "extension; they need a longer pretraining than the demo's CPU budget allows.")
+        else:
+            beyond = {n: a for n, a in acc_base.items() if n > L}
+            out.append(f"The base model retrieves the passkey in {acc_base[L]:.0%} of prompts at L={L}"
+                       + (", and " + ", ".join(f"{a:.0%} at {n}" for n, a in beyond.items()) if beyond else "") + ".")
+    tuned_acc = passkey_accuracy(tuned_pk)
+    n = plan.finetune_length
+    cells = {m: tuned_acc.get((f"{m} fine-tuned", "own"), {}).get(n) for m in ("pi", "yarn", "longrope")}
+    if all(v is not None for v in cells.values()):
+        out.append(f"After {plan.finetune_steps} fine-tuning steps at {n}, passkey accuracy at {n} is "
+                   + ", ".join(f"{m} {v:.0%}" for m, v in cells.items()) + ".")
+    return out
+
+
 def write_report(workdir: Path, plan) -> dict:
     from longrope_jax import report as evaluate
 
@@ -120,12 +170,13 @@ def write_report(workdir: Path, plan) -> dict:
     export = json.loads((workdir / "export" / "check.json").read_text())
     search = {s: json.loads((workdir / f"search_{s}x" / "long" / "result.json").read_text())
               for s in plan.search_scales}
-    text = _render(plan, base, base_pk, tuned, tuned_pk, lengths, stages, facts, export, search)
+    notes = discussion(plan, base, base_pk, tuned, tuned_pk)
+    text = _render(plan, base, base_pk, tuned, tuned_pk, lengths, stages, facts, notes, export, search)
     (workdir / REPORT_FILE).write_text(text)
     return {"findings_held": sum(f["held"] for f in facts), "findings": len(facts)}
 
 
-def _render(plan, base, base_pk, tuned, tuned_pk, lengths, stages, facts, export, search) -> str:
+def _render(plan, base, base_pk, tuned, tuned_pk, lengths, stages, facts, notes, export, search) -> str:
     L = plan.context
     pk_lengths = list(plan.passkey_lengths)
     parts = [
@@ -147,6 +198,8 @@ def _render(plan, base, base_pk, tuned, tuned_pk, lengths, stages, facts, export
         "| claim | measured | held |",
         "|---|---|---|",
         *[f"| {f['claim']} | {f['measured']} | {'yes' if f['held'] else '**no**'} |" for f in facts],
+        "",
+        " ".join(notes),
         "",
         "## Without fine-tuning",
         "",

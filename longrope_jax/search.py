@@ -139,6 +139,12 @@ def load_model(spec: str):
     return load_checkpoint(spec, "--model")
 
 
+def with_attention(config, attention: str | None, chunk: int | None):
+    """`config` with its attention kernel and chunk replaced where given (LlamaConfig validates them)."""
+    changes = {k: v for k, v in (("attention", attention), ("attention_chunk", chunk)) if v is not None}
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def default_tokenizer(model: str) -> str:
     """`hf:DIR` when the model directory has a tokenizer.json, else `byte`."""
     path = Path(str(model).partition(":")[2])
@@ -147,16 +153,18 @@ def default_tokenizer(model: str) -> str:
 
 def search(model: str, out_dir, *, target_length: int, original_length: int | None = None, data: str = "kjv",
            split: str = "validation", data_dir=None, tokenizer: str | None = None, init_factors=None, max_iterations_this_run=None,
-           progress: bool = True, **settings) -> dict:
+           attention: str | None = None, attention_chunk: int | None = None, progress: bool = True, **settings) -> dict:
     """Load `model` (`hf:DIR`/`jax:DIR`), build the evaluation windows from `data`'s `split` and
     run (or resume) the search; `settings` are SearchConfig fields. `original_length` defaults to the
     model's max_position_embeddings. A short search takes n̂ from `out_dir/long/result.json` when there
     is one (n̂ is shared by both factor sets), unless `start_tokens` is given. `init_factors` (a factors
-    file, see `genome.load_factors`) adds a seed."""
+    file, see `genome.load_factors`) adds a seed. `attention`/`attention_chunk` override the model's kernel
+    (blockwise keeps long windows' memory at O(L x chunk) and is faster than dense on CPU)."""
     from longrope_jax import data as data_lib
     from longrope_jax.fitness import PerplexityEvaluator, eval_windows
 
     model_cfg, params = load_model(model)
+    model_cfg = with_attention(model_cfg, attention, attention_chunk)
     original = model_cfg.max_position_embeddings if original_length is None else original_length
     long_result = Path(out_dir) / "long" / RESULT_FILE
     if settings.get("short") and "start_tokens" not in settings and long_result.exists():
@@ -219,6 +227,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--init-factors", default=None, help="a factors CSV/JSON added as a seed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--candidates-per-call", type=int, default=4)
+    p.add_argument("--attention", default=None, choices=("dense", "blockwise"),
+                   help="attention kernel for the evaluation windows (default: the model's)")
+    p.add_argument("--attention-chunk", type=int, default=None, help="blockwise chunk (default: the model's)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_search_cli)
 
@@ -231,7 +242,7 @@ def _search_cli(args) -> int:
         settings["start_tokens"] = args.start_tokens
     result = search(args.model, args.out, target_length=args.target_length, original_length=args.original_length,
                     data=args.data, split=args.split, data_dir=args.data_dir, tokenizer=args.tokenizer, init_factors=args.init_factors,
-                    progress=not args.no_progress, **settings)
+                    attention=args.attention, attention_chunk=args.attention_chunk, progress=not args.no_progress, **settings)
     seeds = ", ".join(f"{k} {v:.4g}" for k, v in result["seeds"].items() if v is not None)
     print(f"{result['mode']} factors: perplexity {result['perplexity']:.4g} (seeds: {seeds}), n̂ {result['start_tokens']}, "
           f"{result['evaluated']} candidates; wrote {Path(args.out) / ROPE_SCALING_FILE}")

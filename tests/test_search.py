@@ -335,6 +335,21 @@ def test_cli_long_then_short_search_fills_both_factor_sets(model, kjv_dir, tmp_p
     RopeScaling.from_hf(d).validate(cfg.head_dim)
 
 
+def test_blockwise_search_scores_the_seeds_as_dense_does(model, kjv_dir, tmp_path):
+    cfg, params = model
+    save_jax(cfg, params, tmp_path / "model")
+    common = dict(target_length=TARGET, data_dir=kjv_dir, docs=2, population=4, mutations=0, crossovers=0, parents=2,
+                  iterations=0, progress=False)
+    dense = search.search(f"jax:{tmp_path / 'model'}", tmp_path / "dense", **common)
+    block = search.search(f"jax:{tmp_path / 'model'}", tmp_path / "block", attention="blockwise", attention_chunk=64,
+                          **common)
+    assert dense["seeds"].keys() == block["seeds"].keys()
+    for k, v in dense["seeds"].items():
+        assert block["seeds"][k] == pytest.approx(v, rel=1e-5)
+    with pytest.raises(ValueError, match="LlamaConfig.attention_chunk: expected a positive integer"):
+        search.search(f"jax:{tmp_path / 'model'}", tmp_path / "bad", attention="blockwise", attention_chunk=0, **common)
+
+
 # ---- bad input -----------------------------------------------------------------------------------------
 
 
