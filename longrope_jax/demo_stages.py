@@ -98,8 +98,6 @@ class Study:
         return methods
 
     def eval_base(self):
-
-        p = self.plan
         methods = self.base_methods()
         # Retrieval of the base model as it is; the extended ones are measured after fine-tuning.
         passkey_methods = {"none": methods["none"]}
