@@ -6,11 +6,11 @@ A config file's `get_config()` returns an `ml_collections.ConfigDict` holding on
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ml_collections
 
+from longrope_jax.fsutil import read_json_object
 from longrope_jax.model import LlamaConfig
 from longrope_jax.rope import RopeScaling
 
@@ -112,12 +112,7 @@ def rope_scaling(c: ml_collections.ConfigDict, current: RopeScaling) -> RopeScal
         if not r.factors_file:
             raise ValueError("config.rope.factors_file: required for rope.type 'longrope' (JSON with short_factor/long_factor)")
         path = Path(r.factors_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"config.rope.factors_file: {path} not found")
-        try:
-            factors = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config.rope.factors_file: {path} is not valid JSON ({e})") from None
+        factors = read_json_object(path, "config.rope.factors_file", "a rope_scaling JSON object")
         for key in ("short_factor", "long_factor"):
             if key not in factors:
                 raise ValueError(f"config.rope.factors_file: {path} has no {key!r}; expected short_factor and long_factor")

@@ -17,13 +17,12 @@ hit is a completion whose first integer equals the key. Keys come from a numpy G
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from longrope_jax import passkey
+from longrope_jax.fsutil import read_json_object
 from longrope_jax.model import LlamaConfig
 from longrope_jax.perplexity import ATTENTIONS, check_int, evaluate_perplexity, select_documents
 from longrope_jax.report import markdown_tables, plot_passkey, plot_perplexity, write_results  # noqa: F401
@@ -84,15 +83,7 @@ def read_rope_file(path, original_length: int) -> dict:
     """The LongRoPE rope_scaling dict of a JSON file: the dict itself (`OUT/rope_scaling.json`) or a HF
     config.json's `rope_parameters`/`rope_scaling` (a top-level original_max_position_embeddings wins,
     as in HF). A missing original length is `original_length`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"longrope method: {path} not found; expected a rope_scaling JSON")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"longrope method: {path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"longrope method: {path} holds a JSON {type(d).__name__}; expected an object")
+    d = read_json_object(path, "longrope method", "a rope_scaling JSON object")
     if "rope_parameters" in d or "rope_scaling" in d:  # a HF config.json
         top = d
         d = dict(top.get("rope_parameters") or top.get("rope_scaling") or {})

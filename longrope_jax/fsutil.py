@@ -1,8 +1,10 @@
-"""Atomic writes: a directory built in a temporary sibling then renamed into place; a file likewise."""
+"""Atomic writes: a directory built in a temporary sibling then renamed into place; a file likewise.
+And reading a JSON object with errors that name the file and what it was for."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -66,3 +68,17 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json_object(path, what: str, expected: str) -> dict:
+    """The JSON object in `path`; a missing file, bad JSON or a non-object fails naming `what` and `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} not found; expected {expected}")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: {path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{what}: {path} holds a JSON {type(d).__name__}; expected {expected}")
+    return d

@@ -414,3 +414,20 @@ def test_cli_bad_input_exits_2_naming_the_value(tmp_path, kjv_dir, jax_model, ca
                    "--no-progress", *args])
     err = capsys.readouterr().err
     assert rc == 2 and "longrope-jax eval: error:" in err and message in err, err
+
+
+def test_rope_json_files_fail_the_same_way_in_eval_and_training(tmp_path):
+    from longrope_jax import config as config_lib
+
+    (tmp_path / "list.json").write_text("[1.0, 2.0]")
+    (tmp_path / "bad.json").write_text("{")
+    cases = {"list.json": (ValueError, "holds a JSON list; expected a rope_scaling JSON object"),
+             "bad.json": (ValueError, "is not valid JSON"),
+             "missing.json": (FileNotFoundError, "not found; expected a rope_scaling JSON object")}
+    for name, (error, message) in cases.items():
+        with pytest.raises(error, match=f"longrope method: .*{name}.* {message}"):
+            evaluate.read_rope_file(tmp_path / name, 256)
+        c = config_lib.default_config()
+        c.rope.update(type="longrope", factors_file=str(tmp_path / name))
+        with pytest.raises(error, match=f"config.rope.factors_file: .*{name}.* {message}"):
+            config_lib.rope_scaling(c, RopeScaling())
