@@ -78,12 +78,12 @@ class Study:
                         attention_chunk=p.attention_chunk, **p.search)
         return {"perplexity": result["perplexity"], "seeds": result["seeds"], "evaluated": result["evaluated"]}
 
-    def max_length(self, method: str) -> int:
-        """A method scaled s times is evaluated up to s L (its target); unscaled and dynamic ones everywhere."""
-        last = method.rsplit(" ", 1)[-1]
-        if last.endswith("x") and last[:-1].isdigit():
-            return int(last[:-1]) * self.plan.context
-        return max(self.plan.eval_lengths)
+    def max_length(self, scaling: RopeScaling | None) -> int:
+        """A method scaled s times is evaluated up to s L (its target); the model's own RoPE (None),
+        unscaled and dynamic ones at every length."""
+        if scaling is None or scaling.rope_type in ("default", "dynamic") or not scaling.factor:
+            return max(self.plan.eval_lengths)
+        return round(scaling.factor * self.plan.context)
 
     def base_methods(self) -> dict:
         p = self.plan
@@ -144,7 +144,7 @@ class Study:
         for model_name, (path, methods, passkey_methods) in models.items():
             config, params = load_hf(path)
             for n in p.eval_lengths:  # stride L/2: every token scored once, with at least L/2 context
-                here = {k: v for k, v in methods.items() if n <= self.max_length(k)}
+                here = {k: v for k, v in methods.items() if n <= self.max_length(v)}
                 # Blockwise with small batches: ~3x faster than dense on CPU at 2048 (fewer scores in memory).
                 rows = perplexity.evaluate_perplexity(config, params, docs, lengths=[n], methods=here, stride=n // 2,
                                                       bos_id=tokenizer.bos_id, batch_size=max(1, 4096 // n),
