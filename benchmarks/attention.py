@@ -87,7 +87,7 @@ def one_attention(impl: str, length: int, chunk: int, budget: float, zigzag: boo
     import jax.numpy as jnp
 
     from longrope_jax import attention as attn
-    from longrope_jax.parallel import DEFAULT_RULES
+    from longrope_jax.sharding.rules import DEFAULT_RULES
 
     b = 1
     key = jax.random.key(0)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import transformers
 
-from longrope_jax.convert import load_hf
+from longrope_jax.io.hf import load_hf
 from longrope_jax.model import Llama
 
 ROPES = {

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longrope_jax.fitness import PerplexityEvaluator
 from longrope_jax.model import Llama, LlamaConfig, init_params
 from longrope_jax.rope import RopeScaling
+from longrope_jax.search.fitness import PerplexityEvaluator
 
 ORIG, TARGET = 64, 256
 

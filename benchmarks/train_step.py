@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from longrope_jax.model import Llama, LlamaConfig, init_params  # noqa: E402
-from longrope_jax.steps import TrainState, train_step  # noqa: E402
+from longrope_jax.train.steps import TrainState, train_step
 
 SIZES = {
     # the tiny_cpu demo model (byte vocabulary), context 256

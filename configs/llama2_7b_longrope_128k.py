@@ -4,7 +4,7 @@ The factors come from `longrope-jax search` (JSON with short_factor / long_facto
 Slice: TPU v5p-256 (128 chips): fsdp 4 x seq 32 (4k tokens per ring device).
 """
 
-from longrope_jax.config import long_context_finetune
+from longrope_jax.train.config import long_context_finetune
 
 
 def get_config():

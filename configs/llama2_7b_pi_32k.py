@@ -5,7 +5,7 @@ Slice: TPU v4-128 (64 chips): fsdp 8 x seq 8; 32k tokens are 4k per ring device.
         --config.init_from=hf:/path/to/Llama-2-7b-hf
 """
 
-from longrope_jax.config import long_context_finetune
+from longrope_jax.train.config import long_context_finetune
 
 
 def get_config():

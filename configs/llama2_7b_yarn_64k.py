@@ -3,7 +3,7 @@
 Slice: TPU v4-256 (128 chips): fsdp 8 x seq 16 (4k tokens per ring device).
 """
 
-from longrope_jax.config import long_context_finetune
+from longrope_jax.train.config import long_context_finetune
 
 
 def get_config():

@@ -3,7 +3,7 @@
 Slice: TPU v5p-256 (128 chips): fsdp 4 x seq 32.
 """
 
-from longrope_jax.config import long_context_finetune
+from longrope_jax.train.config import long_context_finetune
 
 
 def get_config():

@@ -3,7 +3,7 @@
 Slice: TPU v4-64 (32 chips): fsdp 8 x seq 4.
 """
 
-from longrope_jax.config import long_context_finetune
+from longrope_jax.train.config import long_context_finetune
 
 
 def get_config():

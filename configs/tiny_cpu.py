@@ -6,7 +6,7 @@ rope_theta is chosen so the longest RoPE wavelength relative to the context equa
 
 import math
 
-from longrope_jax.config import default_config
+from longrope_jax.train.config import default_config
 
 CONTEXT = 256
 HEAD_DIM = 32

@@ -49,14 +49,12 @@ SETUP_ARGS=()
 CONFIG=""
 WORKDIR=""
 TRAIN_ARGS=()
-while (($#)); do
+parse_flag() {
     case $1 in
         --interval | --interval=*) take_value "$@" && INTERVAL=$VALUE ;;
         --max-restarts | --max-restarts=*) take_value "$@" && MAX_RESTARTS=$VALUE ;;
         --done-marker | --done-marker=*) take_value "$@" && DONE_MARKER=$VALUE ;;
         --delete-when-done) DELETE_WHEN_DONE=1 && TAKEN=1 ;;
-        --accelerator | --accelerator=*) take_value "$@" && ACCELERATOR=$VALUE ;;
-        --version | --version=*) take_value "$@" && RUNTIME_VERSION=$VALUE ;;
         --spot | --preemptible) SCHEDULING+=("$1") && TAKEN=1 ;;
         --create-arg | --create-arg=*) take_value "$@" && CREATE_ARGS+=(--create-arg "$VALUE") ;;
         --source | --source=*) take_value "$@" && SOURCE=$VALUE ;;
@@ -69,16 +67,15 @@ while (($#)); do
         --workdir | --workdir=*) take_value "$@" && WORKDIR=$VALUE ;;
         --config.*) TRAIN_ARGS+=("$1") && TAKEN=1 ;;
         --env | --env=*) take_value "$@" && TRAIN_ARGS+=(--env "$VALUE") ;;
-        --) TRAIN_ARGS+=("$@") && break ;;
-        *) parse_common_flag "$@" || usage_error "unknown argument: $1" ;;
+        --) TRAIN_ARGS+=("$@") && TAKEN=$# ;;
+        *) parse_slice_flag "$@" ;;
     esac
-    shift "$TAKEN"
-done
+}
+parse_args "$@"
 
 # Check everything now, not at the first preemption hours later.
 require_location
-require ACCELERATOR --accelerator ACCELERATOR
-require RUNTIME_VERSION --version RUNTIME_VERSION
+require_slice_type
 require CONFIG --config
 require WORKDIR --workdir
 [[ $WORKDIR == gs://* ]] || usage_error "--workdir must be gs://...: a recreated slice keeps nothing else"

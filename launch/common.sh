@@ -97,6 +97,31 @@ parse_common_flag() {
     esac
 }
 
+# The slice type flags of create.sh and babysit.sh. Returns 1 when $1 is not one of them.
+parse_slice_flag() {
+    case $1 in
+        --accelerator | --accelerator=*) take_value "$@" && ACCELERATOR=$VALUE ;;
+        --version | --version=*) take_value "$@" && RUNTIME_VERSION=$VALUE ;;
+        *) return 1 ;;
+    esac
+}
+
+# parse_flag "$@": a script's own options. A script that has some redefines it to take the option
+# at $1, setting TAKEN to the words it used as take_value does (TAKEN=$# ends the parsing), or to
+# return 1 when $1 is not one of them. This one knows none.
+parse_flag() {
+    return 1
+}
+
+# parse_args "$@": read a script's whole command line, in order: each option goes to parse_flag,
+# then to the common flags; anything else is a usage error (exit 2).
+parse_args() {
+    while (($#)); do
+        parse_flag "$@" || parse_common_flag "$@" || usage_error "unknown argument: $1"
+        shift "$TAKEN"
+    done
+}
+
 COMMON_HELP="Common options (every script):
   --name NAME         TPU VM (slice) name                    [env TPU_NAME]
   --zone ZONE         e.g. us-central2-b                     [env ZONE]
@@ -118,6 +143,12 @@ require_location() {
     if [[ -n $PROJECT ]]; then
         LOCATION+=("--project=$PROJECT")
     fi
+}
+
+# Check the slice type settings of create.sh and babysit.sh (after require_location).
+require_slice_type() {
+    require ACCELERATOR --accelerator ACCELERATOR
+    require RUNTIME_VERSION --version RUNTIME_VERSION
 }
 
 # ssh_workers WORKER COMMAND: run a shell command line on one worker (0, 1, ...) or on all.

@@ -24,23 +24,20 @@ HELP
 
 SCHEDULING=""
 CREATE_ARGS=()
-while (($#)); do
+parse_flag() {
     case $1 in
-        --accelerator | --accelerator=*) take_value "$@" && ACCELERATOR=$VALUE ;;
-        --version | --version=*) take_value "$@" && RUNTIME_VERSION=$VALUE ;;
         --spot | --preemptible)
             [[ -z $SCHEDULING || $SCHEDULING == "$1" ]] || usage_error "--spot and --preemptible exclude each other"
             SCHEDULING=$1 && TAKEN=1
             ;;
         --create-arg | --create-arg=*) take_value "$@" && CREATE_ARGS+=("$VALUE") ;;
-        *) parse_common_flag "$@" || usage_error "unknown argument: $1" ;;
+        *) parse_slice_flag "$@" ;;
     esac
-    shift "$TAKEN"
-done
+}
+parse_args "$@"
 
 require_location
-require ACCELERATOR --accelerator ACCELERATOR
-require RUNTIME_VERSION --version RUNTIME_VERSION
+require_slice_type
 
 cmd=(gcloud compute tpus tpu-vm create "$TPU_NAME" "${LOCATION[@]}"
     "--accelerator-type=$ACCELERATOR" "--version=$RUNTIME_VERSION")

@@ -21,15 +21,15 @@ HELP
 WORKER=0
 LINES=100
 FOLLOW=1
-while (($#)); do
+parse_flag() {
     case $1 in
         --worker | --worker=*) take_value "$@" && WORKER=$VALUE ;;
         --lines | --lines=*) take_value "$@" && LINES=$VALUE ;;
         --no-follow) FOLLOW=0 && TAKEN=1 ;;
-        *) parse_common_flag "$@" || usage_error "unknown argument: $1" ;;
+        *) return 1 ;;
     esac
-    shift "$TAKEN"
-done
+}
+parse_args "$@"
 
 require_location
 [[ $WORKER =~ ^([0-9]+|all)$ ]] || usage_error "--worker must be a number or all, got '$WORKER'"

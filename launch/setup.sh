@@ -34,7 +34,7 @@ GIT_URL=""
 GIT_REF=""
 PYTHON=python3.11
 AFTER=""
-while (($#)); do
+parse_flag() {
     case $1 in
         --source | --source=*) take_value "$@" && SOURCE=$VALUE ;;
         --tarball | --tarball=*) take_value "$@" && TARBALL=$VALUE ;;
@@ -42,10 +42,10 @@ while (($#)); do
         --ref | --ref=*) take_value "$@" && GIT_REF=$VALUE ;;
         --python | --python=*) take_value "$@" && PYTHON=$VALUE ;;
         --after-install | --after-install=*) take_value "$@" && AFTER=$VALUE ;;
-        *) parse_common_flag "$@" || usage_error "unknown argument: $1" ;;
+        *) return 1 ;;
     esac
-    shift "$TAKEN"
-done
+}
+parse_args "$@"
 
 require_location
 if [[ -n $GIT_URL && -n $SOURCE$TARBALL ]]; then

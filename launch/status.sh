@@ -15,10 +15,7 @@ $COMMON_HELP
 HELP
 }
 
-while (($#)); do
-    parse_common_flag "$@" || usage_error "unknown argument: $1"
-    shift "$TAKEN"
-done
+parse_args "$@"
 
 require_location
 run gcloud compute tpus tpu-vm describe "$TPU_NAME" "${LOCATION[@]}" \

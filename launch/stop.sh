@@ -22,13 +22,13 @@ HELP
 }
 
 GRACE=300
-while (($#)); do
+parse_flag() {
     case $1 in
         --grace | --grace=*) take_value "$@" && GRACE=$VALUE ;;
-        *) parse_common_flag "$@" || usage_error "unknown argument: $1" ;;
+        *) return 1 ;;
     esac
-    shift "$TAKEN"
-done
+}
+parse_args "$@"
 
 require_location
 [[ $GRACE =~ ^[0-9]+$ ]] || usage_error "--grace must be a number of seconds, got '$GRACE'"

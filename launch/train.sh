@@ -32,7 +32,7 @@ CONFIG=""
 WORKDIR=""
 OVERRIDES=()
 ENVS=()
-while (($#)); do
+parse_flag() {
     case $1 in
         --config | --config=*) take_value "$@" && CONFIG=$VALUE ;;
         --config.*=*) OVERRIDES+=("$1") && TAKEN=1 ;;
@@ -43,11 +43,11 @@ while (($#)); do
             [[ $VALUE =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || usage_error "--env wants NAME=VALUE, got '$VALUE'"
             ENVS+=("$VALUE")
             ;;
-        --) shift && OVERRIDES+=("$@") && break ;;
-        *) parse_common_flag "$@" || usage_error "unknown argument: $1" ;;
+        --) OVERRIDES+=("${@:2}") && TAKEN=$# ;;
+        *) return 1 ;;
     esac
-    shift "$TAKEN"
-done
+}
+parse_args "$@"
 
 require_location
 require CONFIG --config

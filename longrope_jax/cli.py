@@ -9,7 +9,13 @@ from longrope_jax import __version__
 
 
 def _registrars():
-    from longrope_jax import convert, data, demo, evaluate, extend, search, train
+    from longrope_jax import extend
+    from longrope_jax.data import cli as data
+    from longrope_jax.demo import run as demo
+    from longrope_jax.eval import evaluate
+    from longrope_jax.io import convert
+    from longrope_jax.search import cli as search
+    from longrope_jax.train import trainer as train
 
     return {"convert": convert.register_cli, "data": data.register_cli, "train": train.register_cli,
             "search": search.register_cli, "eval": evaluate.register_cli, "extend": extend.register_cli,

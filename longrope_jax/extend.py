@@ -26,8 +26,8 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from longrope_jax import config as config_lib
-from longrope_jax.fsutil import write_atomic
+from longrope_jax.io.files import write_atomic
+from longrope_jax.train import config as config_lib
 
 SEARCH_KEYS = ("population", "mutations", "crossovers", "iterations", "parents", "mutation_prob", "bound_scale",
                "docs", "seed", "candidates_per_call", "search_start_tokens")
@@ -67,7 +67,7 @@ def resolve(user) -> ml_collections.ConfigDict:
 
 class Pipeline:
     def __init__(self, c: ml_collections.ConfigDict, workdir: Path):
-        from longrope_jax.convert import read_model_config
+        from longrope_jax.io.artifacts import read_model_config
 
         self.c, self.workdir = c, Path(workdir)
         base = read_model_config(c.model, "config.model")
@@ -84,7 +84,7 @@ class Pipeline:
         return out + [("evaluate", self.evaluate), ("export", self.export)]
 
     def _search(self, model: str, out: Path, target: int, **extra) -> dict:
-        from longrope_jax.search import search
+        from longrope_jax.search.cli import search
 
         c = self.c
         settings = {**{k: c.search[k] for k in SEARCH_KEYS}, **extra}
@@ -100,7 +100,7 @@ class Pipeline:
         return {"perplexity": r["perplexity"], "start_tokens": r["start_tokens"]}
 
     def finetune(self):
-        from longrope_jax import train as train_lib
+        from longrope_jax.train import trainer as train_lib
 
         c = self.c
         t = config_lib.resolve(_load_config_file(c.finetune.config))
@@ -115,7 +115,7 @@ class Pipeline:
         return {"loss": (summary.get("last") or {}).get("loss")}
 
     def search_s2(self):
-        from longrope_jax.evolution import RESULT_FILE
+        from longrope_jax.search.evolution import RESULT_FILE
 
         s1 = json.loads((self.workdir / "search_s1" / "long" / RESULT_FILE).read_text())
         stretched = np.asarray(s1["factors"]) * self.c.stage2_length / self.c.stage1_length
@@ -136,44 +136,35 @@ class Pipeline:
 
     def final_model(self):
         """(config, params): the fine-tuned weights with the final factors and context."""
-        from longrope_jax.convert import load_checkpoint
+        from longrope_jax.io.artifacts import load_model, read_rope_scaling
         from longrope_jax.rope import RopeScaling
 
-        config, params = load_checkpoint(self.tuned, "fine-tuned model")
-        scaling = RopeScaling.from_hf(json.loads((self.workdir / "search_s2" / "rope_scaling.json").read_text()))
+        config, params = load_model(self.tuned, "fine-tuned model")
+        scaling = RopeScaling.from_hf(read_rope_scaling(self.workdir / "search_s2" / "rope_scaling.json", "search_s2"))
         config = dataclasses.replace(config, rope_scaling=scaling, max_position_embeddings=self.c.stage2_length)
         return config, params
 
     def evaluate(self):
-        from longrope_jax import data as data_lib
-        from longrope_jax import evaluate, perplexity, report
-        from longrope_jax.search import default_tokenizer
+        from longrope_jax.eval.evaluate import EvalSpec, evaluate
+        from longrope_jax.io.artifacts import default_tokenizer
 
         c = self.c
-        config, params = self.final_model()
-        tok = data_lib.build_tokenizer(self.tokenizer or default_tokenizer(self.tuned))
-        rows, pk = [], []
-        if c.eval.lengths:
-            lengths = list(c.eval.lengths)
-            docs = perplexity.select_documents(
-                data_lib.open_source(c.data.source, "validation", data_dir=c.data.data_dir or None), tok,
-                docs=c.eval.docs, min_tokens=max(lengths))
-            rows = perplexity.evaluate_perplexity(config, params, docs, lengths=lengths, stride=c.eval.stride or None,
-                                                  bos_id=tok.bos_id, progress=True)
-        if c.eval.passkey_lengths:
-            pk = evaluate.evaluate_passkey(config, params, tok, lengths=list(c.eval.passkey_lengths),
-                                           depths=c.eval.passkey_depths, trials=c.eval.passkey_trials, progress=True)
-        report.write_results(self.workdir / "eval", config=config, perplexity_rows=rows, passkey_rows=pk,
-                             trained_length=c.stage1_length)
-        return {"perplexity": [r["ppl_window_mean"] for r in rows]}
+        spec = EvalSpec(lengths=tuple(c.eval.lengths), data=c.data.source, data_dir=c.data.data_dir or None,
+                        tokenizer=self.tokenizer or default_tokenizer(self.tuned), docs=c.eval.docs,
+                        stride=c.eval.stride or None, passkey_lengths=tuple(c.eval.passkey_lengths),
+                        passkey_depths=c.eval.passkey_depths, passkey_trials=c.eval.passkey_trials,
+                        trained_length=c.stage1_length)
+        if not spec.lengths and not spec.passkey_lengths:
+            return {"perplexity": []}
+        result = evaluate(self.final_model(), spec, self.workdir / "eval", progress=True)
+        return {"perplexity": [r["ppl_window_mean"] for r in result["perplexity"]]}
 
     def export(self):
-        from longrope_jax.convert import save_hf
+        from longrope_jax.io.artifacts import tokenizer_dir
+        from longrope_jax.io.hf import save_hf
 
         config, params = self.final_model()
-        kind, _, path = self.c.model.partition(":")
-        tok_dir = path if kind == "hf" and any(Path(path, n).is_file() for n in ("tokenizer.json", "tokenizer.model")) \
-            else None
+        tok_dir = tokenizer_dir(self.c.model)
         save_hf(config, params, self.workdir / "hf", tokenizer_source=tok_dir, overwrite=True)
         return {"hf_dir": str(self.workdir / "hf")}
 
@@ -191,7 +182,7 @@ def _load_config_file(path: str) -> ml_collections.ConfigDict:
 
 
 def extend(config, workdir) -> dict:
-    from longrope_jax.demo import Stages
+    from longrope_jax.stages import Stages
 
     c = resolve(config)
     workdir = Path(workdir)
@@ -209,7 +200,7 @@ def register_cli(subparsers) -> None:
 
 
 def _extend_cli(args) -> int:
-    from longrope_jax.train import parse_train_args
+    from longrope_jax.train.trainer import parse_train_args
 
     argv = list(args.argv)
     if not argv or argv[0] in ("-h", "--help"):

@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 
 from longrope_jax.model import Llama, LlamaConfig, init_cache
-from longrope_jax.rope import RopeScaling, use_long_factors
+from longrope_jax.rope import RopeScaling
 
 
 def _check_int(name: str, v, low: int) -> int:
@@ -87,11 +87,7 @@ def _prefill(config, params, prompts_BxT, max_len, scaling):
 def _refill_needed(config: LlamaConfig, scaling: RopeScaling, pos):
     """Traced bool: do the frequencies for the token at `pos` differ from the last forward's?
     None when they never change (no re-prefill code is compiled)."""
-    if scaling.rope_type == "longrope":
-        return use_long_factors(scaling, pos + 1) & ~use_long_factors(scaling, pos)
-    if scaling.rope_type == "dynamic":
-        return pos + 1 > config.max_position_embeddings  # the base grows at every such step
-    return None
+    return scaling.frequencies_change(pos, config.max_position_embeddings)
 
 
 def _decode(config, params, state, tok_B, scaling):

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from longrope_jax import attention as attn_lib
-from longrope_jax.parallel import DEFAULT_RULES
 from longrope_jax.rope import RopeScaling, apply_rotary, rope_cos_sin
+from longrope_jax.sharding.rules import DEFAULT_RULES
 
 HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 REMAT_POLICIES = {

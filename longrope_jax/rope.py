@@ -219,6 +219,29 @@ class RopeScaling:
     def rotary_dim(self, head_dim: int) -> int:
         return int(head_dim * self.partial_rotary_factor)
 
+    # ---- what each type implies: every caller asks here, none lists types itself ----
+
+    @property
+    def depends_on_length(self) -> bool:
+        """Whether the frequencies follow the forward pass's longest position (dynamic NTK, LongRoPE)."""
+        return self.rope_type in ("dynamic", "longrope")
+
+    @property
+    def fixed_factor(self) -> float | None:
+        """The extension factor the frequencies are built for; None where no fixed range applies
+        (default RoPE, dynamic NTK, LongRoPE without a `factor`)."""
+        return None if self.rope_type in ("default", "dynamic") else self.factor
+
+    def frequencies_change(self, pos, max_position_embeddings: int):
+        """Traced bool: does a forward pass reaching position `pos` use other frequencies than one
+        reaching `pos - 1`? None when they never change. LongRoPE switches once, past its original
+        length; dynamic NTK grows its base at every position past `max_position_embeddings`."""
+        if self.rope_type == "longrope":
+            return use_long_factors(self, pos + 1) & ~use_long_factors(self, pos)
+        if self.rope_type == "dynamic":
+            return pos + 1 > max_position_embeddings
+        return None
+
     def validate(self, head_dim: int) -> None:
         """Checks that need the head size: even rotary dim and LongRoPE factor lengths."""
         d = self.rotary_dim(head_dim)
@@ -410,9 +433,7 @@ def rope_cos_sin(
     max_position_embeddings: int,
 ) -> tuple[jax.Array, jax.Array]:
     """cos/sin for a forward pass over `positions`; seq_len = max(positions) + 1, as HF does."""
-    seq_len = None
-    if scaling.rope_type in ("dynamic", "longrope"):
-        seq_len = jnp.max(positions) + 1
+    seq_len = jnp.max(positions) + 1 if scaling.depends_on_length else None
     inv, att = frequencies(
         scaling, head_dim=head_dim, theta=theta, max_position_embeddings=max_position_embeddings, seq_len=seq_len
     )

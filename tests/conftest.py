@@ -14,7 +14,7 @@ import pytest  # noqa: E402  (after the flags: nothing may import jax first)
 @pytest.fixture(scope="module")
 def kjv_dir(tmp_path_factory) -> str:
     """The KJV corpus prepared once per module (or the directory LONGROPE_TEST_DATA_DIR names)."""
-    from longrope_jax import data
+    from longrope_jax.data import sources as data
 
     d = os.environ.get("LONGROPE_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
     data.prepare("kjv", d)

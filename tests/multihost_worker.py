@@ -22,8 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from longrope_jax import parallel
 from longrope_jax.model import Llama, LlamaConfig
+from longrope_jax.sharding.distributed import global_batch, initialize_distributed, local_slices
+from longrope_jax.sharding.init import init_sharded
+from longrope_jax.sharding.mesh import batch_sharding, make_mesh
+from longrope_jax.sharding.rules import DEFAULT_RULES
 
 # tensor=2 needs kv heads and vocab even; fsdp*seq up to 8 needs hidden % 8 == 0.
 CONFIG = LlamaConfig(
@@ -39,12 +42,12 @@ def _seq_across_hosts(data=1, fsdp=2, seq=2, tensor=2):
     # chunk p of every row (jax.devices() lists process 0's devices first); fsdp and tensor
     # stay inside a host.
     devices = np.asarray(jax.devices(), dtype=object).reshape(seq, data, fsdp, tensor).transpose(1, 2, 0, 3)
-    return parallel.make_mesh(data, fsdp, seq, tensor, devices=devices)
+    return make_mesh(data, fsdp, seq, tensor, devices=devices)
 
 
 # name -> mesh factory (8 devices over 2 processes of 4). Each layout costs ~10 s of compiling.
 LAYOUTS = {
-    "rows_per_host": lambda: parallel.make_mesh(data=1, fsdp=2, seq=4, tensor=1),  # each host half the rows
+    "rows_per_host": lambda: make_mesh(data=1, fsdp=2, seq=4, tensor=1),  # each host half the rows
     "seq_across_hosts": _seq_across_hosts,  # each host a sequence chunk of all rows
 }
 
@@ -74,13 +77,13 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 def run_layout(config: LlamaConfig, mesh) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and full gradients (as numpy on every process) on `mesh`, loading only local data."""
-    rules = parallel.DEFAULT_RULES
-    params = parallel.init_sharded(config, mesh, jax.random.key(SEED), rules)
-    sharding = parallel.batch_sharding(mesh, rules)
+    rules = DEFAULT_RULES
+    params = init_sharded(config, mesh, jax.random.key(SEED), rules)
+    sharding = batch_sharding(mesh, rules)
     full = global_arrays()
-    box = parallel.local_slices((BATCH, LENGTH), sharding)
+    box = local_slices((BATCH, LENGTH), sharding)
     local = {k: v[box] for k, v in full.items()}  # a real loader reads only these rows and positions
-    batch = parallel.global_batch(local, mesh, sharding, (BATCH, LENGTH))
+    batch = global_batch(local, mesh, sharding, (BATCH, LENGTH))
     model = Llama(config, mesh=mesh, rules=rules)
     loss, grads = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(model, p, b)))(params, batch)
     return float(loss), flat(multihost_utils.process_allgather(grads, tiled=True))
@@ -96,15 +99,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     start = time.monotonic()
 
-    assert parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    assert parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # idempotent
+    assert initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    assert initialize_distributed(args.coordinator, args.num_processes, args.process_id)  # idempotent
     assert jax.process_count() == args.num_processes and jax.device_count() == 8, (jax.process_count(), jax.devices())
 
     print(f"process {jax.process_index()}: initialized ({time.monotonic() - start:.1f} s)", flush=True)
     # Devices interleaved between hosts along 'seq': no process owns one contiguous chunk.
     interleaved = np.asarray(jax.devices(), dtype=object).reshape(2, 4).T.reshape(-1)
     try:
-        parallel.local_slices((BATCH, LENGTH), parallel.batch_sharding(parallel.make_mesh(1, 1, 8, 1, devices=interleaved)))
+        local_slices((BATCH, LENGTH), batch_sharding(make_mesh(1, 1, 8, 1, devices=interleaved)))
     except ValueError as e:
         assert "not one contiguous block" in str(e), e
     else:
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
         start = time.monotonic()
         mesh = make()
         loss, grads = run_layout(config, mesh)
-        rows, seq = parallel.local_slices((BATCH, LENGTH), parallel.batch_sharding(mesh))
+        rows, seq = local_slices((BATCH, LENGTH), batch_sharding(mesh))
         print(f"process {jax.process_index()} {name}: rows {rows} seq {seq} loss {loss:.6f} "
               f"({time.monotonic() - start:.1f} s)", flush=True)
         # [process, (row start, row stop, seq start, seq stop)]: what each process loaded.

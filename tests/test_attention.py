@@ -9,7 +9,7 @@ import pytest
 
 from longrope_jax import attention as attn
 from longrope_jax.model import Llama, LlamaConfig, init_params
-from longrope_jax.parallel import DEFAULT_RULES
+from longrope_jax.sharding.rules import DEFAULT_RULES
 
 RTOL = 1e-5
 AXES = ("data", "fsdp", "seq", "tensor")

@@ -18,11 +18,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file as st_load, save_file as st_save
+from safetensors.torch import load_file as st_load
+from safetensors.torch import save_file as st_save
 
-from longrope_jax import cli, convert
+from longrope_jax import cli
+from longrope_jax.io import safetensors as sio
+from longrope_jax.io.convert import hf_to_jax, jax_to_hf
+from longrope_jax.io.hf import load_hf, parse_size, save_hf
+from longrope_jax.io.orbax_params import config_from_json, config_to_json, load_jax, save_jax
+from longrope_jax.io.param_map import ConversionError
 from longrope_jax.model import Llama, LlamaConfig, init_params
-from longrope_jax.param_map import ConversionError
 from longrope_jax.rope import RopeScaling
 
 transformers.logging.set_verbosity_error()
@@ -114,7 +119,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 def test_load_hf_logits_match_transformers(tmp_path, tied, kv_heads, scan, bias):
     src = make_hf(tmp_path / "m", tie_word_embeddings=tied, num_key_value_heads=kv_heads,
                   attention_bias=bias, mlp_bias=bias)
-    config, params = convert.load_hf(src, scan_layers=scan)
+    config, params = load_hf(src, scan_layers=scan)
     assert (config.tie_word_embeddings, config.num_key_value_heads, config.scan_layers) == (tied, kv_heads, scan)
     assert shapes(params) == shapes(init_params(config, jax.random.key(0)))
     assert_rel_close(jax_logits(config, params), hf_logits(src))
@@ -123,10 +128,10 @@ def test_load_hf_logits_match_transformers(tmp_path, tied, kv_heads, scan, bias)
 @pytest.mark.parametrize("torch_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_half_precision_checkpoint_loads(tmp_path, torch_dtype):
     src = make_hf(tmp_path / "m", torch_dtype=torch_dtype)
-    config, params = convert.load_hf(src)  # upcast to float32, as transformers does with dtype=float32
+    config, params = load_hf(src)  # upcast to float32, as transformers does with dtype=float32
     assert_rel_close(jax_logits(config, params), hf_logits(src))
 
-    config16, params16 = convert.load_hf(src, dtype={torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}[torch_dtype])
+    config16, params16 = load_hf(src, dtype={torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}[torch_dtype])
     assert config16.param_dtype == params16["embed_tokens"]["embedding"].dtype.name
     want = st_load(src / "model.safetensors")["model.layers.1.mlp.down_proj.weight"].float().numpy()
     got = np.asarray(params16["layers_1"]["mlp"]["down_proj"]["kernel"]).astype(np.float32)
@@ -138,7 +143,7 @@ def test_tied_checkpoint_with_equal_lm_head_loads(tmp_path):
     tensors = st_load(src / "model.safetensors")
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     st_save(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    config, params = convert.load_hf(src)
+    config, params = load_hf(src)
     assert "lm_head" not in params
     assert_rel_close(jax_logits(config, params), hf_logits(src))
 
@@ -147,18 +152,18 @@ def test_sharded_checkpoint_written_by_transformers_loads(tmp_path, llama_dir):
     src = tmp_path / "sharded"
     transformers.AutoModelForCausalLM.from_pretrained(llama_dir).save_pretrained(src, max_shard_size="40KB")
     assert (src / "model.safetensors.index.json").is_file() and not (src / "model.safetensors").exists()
-    config, params = convert.load_hf(src)
+    config, params = load_hf(src)
     assert_rel_close(jax_logits(config, params), hf_logits(llama_dir))
 
 
 def test_mistral_checkpoint_matches_transformers_and_round_trips(tmp_path):
     src = make_hf(tmp_path / "mistral", arch="mistral", sliding_window=5)
-    config, params = convert.load_hf(src)
+    config, params = load_hf(src)
     assert (config.model_type, config.sliding_window) == ("mistral", 5)
     want = hf_logits(src)  # 13 tokens > window 5, so the window matters
     assert_rel_close(jax_logits(config, params), want)
 
-    out = convert.save_hf(config, params, tmp_path / "out")
+    out = save_hf(config, params, tmp_path / "out")
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert type(model).__name__ == "MistralForCausalLM"
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -182,14 +187,14 @@ def write_phi3_style(path: Path, **overrides) -> Path:
 
 def test_phi3_style_longrope_config_matches_transformers_past_original_length(tmp_path):
     src = write_phi3_style(tmp_path / "phi")
-    config, params = convert.load_hf(src)
+    config, params = load_hf(src)
     assert config.rope_scaling.rope_type == "longrope"
     assert config.rope_scaling.original_max_position_embeddings == 32
     long_tokens = np.random.RandomState(1).randint(0, 97, size=(1, 40))  # 40 > 32: long factors
     for tokens in (TOKENS, long_tokens):
         assert_rel_close(jax_logits(config, params, tokens), hf_logits(src, tokens))
 
-    out = convert.save_hf(config, params, tmp_path / "out")  # rope_scaling must survive export
+    out = save_hf(config, params, tmp_path / "out")  # rope_scaling must survive export
     assert_rel_close(hf_logits(out, long_tokens), hf_logits(src, long_tokens))
 
 
@@ -200,8 +205,8 @@ def test_phi3_style_longrope_config_matches_transformers_past_original_length(tm
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_hf_jax_hf_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, scan, tied):
     src = make_hf(tmp_path / "src", tie_word_embeddings=tied)
-    config, params = convert.load_hf(src, scan_layers=scan)
-    out = convert.save_hf(config, params, tmp_path / "out")
+    config, params = load_hf(src, scan_layers=scan)
+    out = save_hf(config, params, tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert_same_tensors(src, out)
 
@@ -215,8 +220,8 @@ def test_hf_jax_hf_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, s
 
 
 def test_sharded_save_writes_index_and_loads_in_transformers(tmp_path, llama_dir):
-    config, params = convert.load_hf(llama_dir, scan_layers=True)
-    out = convert.save_hf(config, params, tmp_path / "out", max_shard_size="30KB")
+    config, params = load_hf(llama_dir, scan_layers=True)
+    out = save_hf(config, params, tmp_path / "out", max_shard_size="30KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
@@ -231,8 +236,8 @@ def test_sharded_save_writes_index_and_loads_in_transformers(tmp_path, llama_dir
 
 
 def test_save_hf_in_bfloat16_matches_torch_cast(tmp_path, llama_dir):
-    config, params = convert.load_hf(llama_dir)
-    out = convert.save_hf(config, params, tmp_path / "out", dtype="bfloat16")
+    config, params = load_hf(llama_dir)
+    out = save_hf(config, params, tmp_path / "out", dtype="bfloat16")
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     want = {k: v.to(torch.bfloat16) for k, v in read_all(llama_dir).items()}
     got = read_all(out)
@@ -243,12 +248,12 @@ def test_save_hf_in_bfloat16_matches_torch_cast(tmp_path, llama_dir):
 def test_max_shard_size_reads_like_transformers(size):
     from transformers.utils.hub import convert_file_size_to_int
 
-    assert convert.parse_size(size) == convert_file_size_to_int(size)
+    assert parse_size(size) == convert_file_size_to_int(size)
 
 
 def test_tokenizer_files_are_copied(tmp_path, llama_dir, tokenizer_dir):
-    config, params = convert.load_hf(llama_dir)
-    out = convert.save_hf(config, params, tmp_path / "out", tokenizer_source=tokenizer_dir)
+    config, params = load_hf(llama_dir)
+    out = save_hf(config, params, tmp_path / "out", tokenizer_source=tokenizer_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (tokenizer_dir / name).read_bytes()
     tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -261,14 +266,14 @@ def test_tokenizer_files_are_copied(tmp_path, llama_dir, tokenizer_dir):
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
 def test_save_jax_load_jax_round_trip(tmp_path, llama_dir, scan):
-    config, params = convert.load_hf(llama_dir, scan_layers=scan, remat_policy="full")
-    convert.save_jax(config, params, tmp_path / "ckpt")
-    config2, params2 = convert.load_jax(tmp_path / "ckpt")
+    config, params = load_hf(llama_dir, scan_layers=scan, remat_policy="full")
+    save_jax(config, params, tmp_path / "ckpt")
+    config2, params2 = load_jax(tmp_path / "ckpt")
     assert config2 == config
     jax.tree.map(np.testing.assert_array_equal, params2, params)
     assert_rel_close(jax_logits(config2, params2), hf_logits(llama_dir))
 
-    config16, params16 = convert.load_jax(tmp_path / "ckpt", dtype=jnp.bfloat16)
+    config16, params16 = load_jax(tmp_path / "ckpt", dtype=jnp.bfloat16)
     assert config16.param_dtype == "bfloat16"
     assert {x.dtype for x in jax.tree.leaves(params16)} == {jnp.dtype(jnp.bfloat16)}
 
@@ -287,7 +292,7 @@ def test_save_jax_load_jax_round_trip(tmp_path, llama_dir, scan):
 def test_config_json_round_trips_every_field(rope):
     config = LlamaConfig(**TINY, rope_scaling=rope, eos_token_id=(2, 5), sliding_window=None, scan_layers=True,
                          remat_policy="dots", param_dtype="bfloat16", dtype="bfloat16", rope_theta=5e5)
-    assert convert.config_from_json(convert.config_to_json(config)) == config
+    assert config_from_json(config_to_json(config)) == config
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -310,7 +315,7 @@ def test_cli_round_trip_hf_jax_hf(tmp_path, llama_dir, tokenizer_dir, capsys):
     err = capsys.readouterr().err
     assert str(ckpt) in err and "exists" in err and len(err.strip().splitlines()) == 1
     assert cli.main(["convert", "hf-to-jax", str(llama_dir), str(ckpt), "--overwrite"]) == 0
-    assert not convert.load_jax(ckpt)[0].scan_layers
+    assert not load_jax(ckpt)[0].scan_layers
 
 
 def test_python_dash_m_runs_the_cli(tmp_path, llama_dir):
@@ -320,7 +325,7 @@ def test_python_dash_m_runs_the_cli(tmp_path, llama_dir):
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert str(dst) in run.stdout
-    config, params = convert.load_jax(dst)
+    config, params = load_jax(dst)
     assert config.param_dtype == "bfloat16" and params["norm"]["scale"].dtype == jnp.bfloat16
     want = st_load(llama_dir / "model.safetensors")["model.norm.weight"].to(torch.bfloat16).float().numpy()
     np.testing.assert_array_equal(np.asarray(params["norm"]["scale"], np.float32), want)
@@ -417,7 +422,7 @@ def test_bad_hf_input_raises_clear_error_and_leaves_no_dst(tmp_path, llama_dir, 
     corrupt(src)
     dst = tmp_path / "out" / "ckpt"
     with pytest.raises(error) as info:
-        convert.hf_to_jax(src, dst)
+        hf_to_jax(src, dst)
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no DST, parent or temporary left
@@ -429,22 +434,22 @@ def test_index_naming_a_missing_shard_is_a_clear_error(tmp_path, llama_dir):
     victim = shard_and_drop_one(src)
     dst = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match=victim):
-        convert.hf_to_jax(src, dst)
+        hf_to_jax(src, dst)
     assert not dst.exists()
 
 
 def test_failure_during_write_leaves_existing_dst_unchanged(tmp_path, llama_dir, monkeypatch):
-    config, params = convert.load_hf(llama_dir)
+    config, params = load_hf(llama_dir)
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("old")
     with pytest.raises(FileExistsError, match=str(dst)):
-        convert.save_hf(config, params, dst)
+        save_hf(config, params, dst)
     with pytest.raises(FileNotFoundError, match="no-such-tokenizer"):
-        convert.save_hf(config, params, dst, tokenizer_source=tmp_path / "no-such-tokenizer", overwrite=True)
+        save_hf(config, params, dst, tokenizer_source=tmp_path / "no-such-tokenizer", overwrite=True)
 
     # The disk "fills up" on the third shard, after two were written: nothing may reach DST.
-    real_write, calls = convert.sio.write_file, []
+    real_write, calls = sio.write_file, []
 
     def failing_write(path, *args, **kwargs):
         calls.append(path)
@@ -452,60 +457,59 @@ def test_failure_during_write_leaves_existing_dst_unchanged(tmp_path, llama_dir,
             raise OSError(28, "No space left on device")
         return real_write(path, *args, **kwargs)
 
-    monkeypatch.setattr(convert.sio, "write_file", failing_write)
+    monkeypatch.setattr(sio, "write_file", failing_write)
     with pytest.raises(OSError, match="No space left"):
-        convert.save_hf(config, params, dst, max_shard_size="30KB", overwrite=True)
+        save_hf(config, params, dst, max_shard_size="30KB", overwrite=True)
     monkeypatch.undo()
     assert len(calls) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["dst"]  # no temporary directory left behind
     assert [p.name for p in dst.iterdir()] == ["keep.txt"] and (dst / "keep.txt").read_text() == "old"
 
     # And a successful overwrite replaces it whole.
-    convert.save_hf(config, params, dst, overwrite=True)
+    save_hf(config, params, dst, overwrite=True)
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["dst"]
 
 
 def test_bad_params_for_save_name_the_leaf(tmp_path, llama_dir):
-    config, params = convert.load_hf(llama_dir)
+    config, params = load_hf(llama_dir)
     bad = jax.tree.map(lambda x: x, params)
     bad["layers_1"]["mlp"]["up_proj"]["kernel"] = jnp.zeros((64, 95))
     with pytest.raises(ConversionError, match=r"layers_1/mlp/up_proj/kernel.*\(64, 95\).*\(64, 96\)"):
-        convert.save_hf(config, bad, tmp_path / "a")
+        save_hf(config, bad, tmp_path / "a")
     del bad["layers_0"]["self_attn"]["q_proj"]
     with pytest.raises(ConversionError, match="missing.*layers_0/self_attn/q_proj/kernel"):
-        convert.save_jax(config, bad, tmp_path / "b")
+        save_jax(config, bad, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     # save_jax insists on the layout the config names (load_jax rebuilds the module from it).
     with pytest.raises(ConversionError, match="missing.*'layers/"):
-        convert.save_jax(dataclasses.replace(config, scan_layers=True), params, tmp_path / "c")
+        save_jax(dataclasses.replace(config, scan_layers=True), params, tmp_path / "c")
 
 
 def test_unknown_config_override_is_a_clear_error(llama_dir):
     with pytest.raises(ConversionError, match="hiden_size"):
-        convert.load_hf(llama_dir, hiden_size=3)
+        load_hf(llama_dir, hiden_size=3)
 
 
 def test_bad_jax_checkpoint_is_a_clear_error(tmp_path, llama_dir):
-    config, params = convert.load_hf(llama_dir)
-    ckpt = convert.save_jax(config, params, tmp_path / "ckpt")
+    config, params = load_hf(llama_dir)
+    ckpt = save_jax(config, params, tmp_path / "ckpt")
     d = json.loads((ckpt / "llama_config.json").read_text())
     (ckpt / "llama_config.json").write_text(json.dumps({**d, "hiden_size": 3}))
     with pytest.raises(ConversionError, match="llama_config.json.*hiden_size"):
-        convert.jax_to_hf(ckpt, tmp_path / "out")
+        jax_to_hf(ckpt, tmp_path / "out")
     (ckpt / "llama_config.json").write_text(json.dumps(d))
     shutil.rmtree(ckpt / "params")
     (ckpt / "params").mkdir()
     with pytest.raises(ConversionError, match="params.*Orbax"):
-        convert.jax_to_hf(ckpt, tmp_path / "out")
+        jax_to_hf(ckpt, tmp_path / "out")
     (ckpt / "llama_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="llama_config.json"):
-        convert.jax_to_hf(ckpt, tmp_path / "out")
+        jax_to_hf(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_save_hf_refuses_partial_rotary_and_warns_about_start_tokens(tmp_path):
-    save_hf = convert.save_hf
     base = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     partial = LlamaConfig(**base, rope_scaling=RopeScaling("linear", factor=2.0, partial_rotary_factor=0.5))
     with pytest.raises(ValueError, match="partial_rotary_factor"):

@@ -18,7 +18,10 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from longrope_jax import data, kjv
+from longrope_jax.data import kjv
+from longrope_jax.data.loader import make_loader
+from longrope_jax.data.sources import open_source, prepare
+from longrope_jax.data.tokenizer import build_tokenizer
 
 SEQ = 256
 
@@ -81,18 +84,18 @@ def docs_in_stream(tokens: np.ndarray, tok) -> list[str]:
 @pytest.fixture(scope="session")
 def kjv_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tfds")
-    data.prepare("kjv", d)
+    prepare("kjv", d)
     return d
 
 
 @pytest.fixture(scope="session")
 def byte():
-    return data.build_tokenizer("byte")
+    return build_tokenizer("byte")
 
 
 @pytest.fixture(scope="session")
 def val_docs(kjv_dir) -> list[str]:
-    src = data.open_source("kjv", "validation", data_dir=kjv_dir)
+    src = open_source("kjv", "validation", data_dir=kjv_dir)
     return [src[i] for i in range(len(src))]
 
 
@@ -121,10 +124,10 @@ def test_kjv_is_66_books_in_array_record_read_by_tfds_data_source(kjv_dir):
 
 
 def test_open_source_kjv_gives_the_tfds_documents_as_str(kjv_dir):
-    src = data.open_source("kjv", "train", data_dir=kjv_dir)
+    src = open_source("kjv", "train", data_dir=kjv_dir)
     ref = tfds.data_source("kjv", split="train", data_dir=str(kjv_dir))
     assert len(src) == 60 and src[3] == ref[3]["text"].decode() and src[3].startswith("Numbers\n\n")
-    titles = data.open_source("tfds:kjv@1.0.0", "validation", data_dir=kjv_dir, text_key="title")
+    titles = open_source("tfds:kjv@1.0.0", "validation", data_dir=kjv_dir, text_key="title")
     assert list(titles) == [b for b in RAW if b in kjv.VALIDATION_BOOKS]
 
 
@@ -163,7 +166,7 @@ def test_hf_tokenizer_matches_transformers_and_round_trips(hf_dir, val_docs, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import transformers
 
-    ours = data.build_tokenizer(f"hf:{hf_dir}")
+    ours = build_tokenizer(f"hf:{hf_dir}")
     ref = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)
     assert ours.vocab_size == len(ref) == 400
@@ -171,7 +174,7 @@ def test_hf_tokenizer_matches_transformers_and_round_trips(hf_dir, val_docs, mon
         ids = ours.encode(text)
         assert ids == ref.encode(text, add_special_tokens=False)
         assert ours.decode(ids) == text
-    assert data.build_tokenizer(f"hf:{hf_dir / 'tokenizer.json'}").encode("Jonah") == ours.encode("Jonah")
+    assert build_tokenizer(f"hf:{hf_dir / 'tokenizer.json'}").encode("Jonah") == ours.encode("Jonah")
 
 
 def test_hf_tokenizer_finds_special_ids_in_config_json_or_by_name(hf_dir, tmp_path):
@@ -179,10 +182,10 @@ def test_hf_tokenizer_finds_special_ids_in_config_json_or_by_name(hf_dir, tmp_pa
 
     ref = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
     shutil.copy(hf_dir / "tokenizer.json", tmp_path)
-    by_name = data.build_tokenizer(f"hf:{tmp_path}")  # no config at all: well-known names
+    by_name = build_tokenizer(f"hf:{tmp_path}")  # no config at all: well-known names
     assert (by_name.bos_id, by_name.eos_id, by_name.pad_id) == tuple(map(ref.token_to_id, ("<s>", "</s>", "<pad>")))
     (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 7, "eos_token_id": [9, 10]}))
-    from_config = data.build_tokenizer(f"hf:{tmp_path}")
+    from_config = build_tokenizer(f"hf:{tmp_path}")
     assert (from_config.bos_id, from_config.eos_id, from_config.pad_id) == (7, 9, ref.token_to_id("<pad>"))
 
 
@@ -195,7 +198,7 @@ def test_sentencepiece_tokenizer_matches_sentencepiece_and_round_trips(tmp_path)
         model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
     path = tmp_path / "tiny.model"
     path.write_bytes(model.getvalue())
-    ours = data.build_tokenizer(f"sentencepiece:{path}")
+    ours = build_tokenizer(f"sentencepiece:{path}")
     ref = spm.SentencePieceProcessor(model_file=str(path))
     assert (ours.vocab_size, ours.bos_id, ours.eos_id, ours.pad_id) == (300, 1, 2, 3)
     for verse in VERSES[:20]:
@@ -208,7 +211,7 @@ def test_sentencepiece_tokenizer_matches_sentencepiece_and_round_trips(tmp_path)
 
 def test_concat_packing_equals_an_independent_repacking(byte, val_docs):
     docs = VERSES[:40] + val_docs[:2]  # rows holding many short documents, and documents spanning many rows
-    got = rows_of(data.make_loader(docs, byte, seq_len=SEQ, batch_size=4, seed=0, train=False,
+    got = rows_of(make_loader(docs, byte, seq_len=SEQ, batch_size=4, seed=0, train=False,
                                    shard_index=0, shard_count=1))
     want = repack(doc_tokens(docs, byte), SEQ, byte.pad_id)
     n = len(want["tokens"])
@@ -224,7 +227,7 @@ def test_concat_packing_equals_an_independent_repacking(byte, val_docs):
 def test_training_epoch_holds_every_document_once_and_reshuffles(byte, val_docs):
     docs = VERSES[:50]
     total = sum(len(d) for d in doc_tokens(docs, byte))
-    loader = data.make_loader(docs, byte, seq_len=SEQ, batch_size=2, seed=3)
+    loader = make_loader(docs, byte, seq_len=SEQ, batch_size=2, seed=3)
     stream = rows_of(loader, n=-(-2 * total // (2 * SEQ)))["tokens"].reshape(-1)
     assert (stream != byte.pad_id).all()  # training rows are full
     epoch1, epoch2 = stream[:total], stream[total: 2 * total]
@@ -236,7 +239,7 @@ def test_training_epoch_holds_every_document_once_and_reshuffles(byte, val_docs)
 
 def test_document_packing_keeps_each_document_start_and_skips_short_ones(byte, val_docs):
     seq = 8192
-    loader = data.make_loader(val_docs, byte, seq_len=seq, batch_size=1, seed=0, train=False, pack="document",
+    loader = make_loader(val_docs, byte, seq_len=seq, batch_size=1, seed=0, train=False, pack="document",
                               min_doc_tokens=10_000, shard_index=0, shard_count=1)
     rows = rows_of(loader)
     kept = [d for d in val_docs if len(d.encode()) >= 10_000]
@@ -246,7 +249,7 @@ def test_document_packing_keeps_each_document_start_and_skips_short_ones(byte, v
         np.testing.assert_array_equal(positions, np.arange(seq))
         assert (segs == 1).all()
     assert len(rows["tokens"]) == 4
-    short = rows_of(data.make_loader(VERSES[:3], byte, seq_len=seq, batch_size=3, seed=0, train=False,
+    short = rows_of(make_loader(VERSES[:3], byte, seq_len=seq, batch_size=3, seed=0, train=False,
                                      pack="document", shard_index=0, shard_count=1))
     n = len(VERSES[1].encode()) + 2
     assert (short["segment_ids"][1, :n] == 1).all() and (short["segment_ids"][1, n:] == 0).all()
@@ -254,7 +257,7 @@ def test_document_packing_keeps_each_document_start_and_skips_short_ones(byte, v
 
 
 def test_too_high_min_doc_tokens_fails_instead_of_spinning(byte):
-    loader = data.make_loader(VERSES[:5], byte, seq_len=SEQ, batch_size=1, seed=0, min_doc_tokens=10_000,
+    loader = make_loader(VERSES[:5], byte, seq_len=SEQ, batch_size=1, seed=0, min_doc_tokens=10_000,
                               shard_index=0, shard_count=1)
     with pytest.raises(ValueError, match="min_doc_tokens=10000"):
         next(loader)
@@ -267,7 +270,7 @@ def test_training_shards_are_disjoint_and_cover_each_epoch(byte):
     docs = VERSES[:10]
     seen = []
     for p, n_rows in zip(range(3), (4, 3, 3)):  # 10 documents over 3 processes: global order p, p+3, ...
-        loader = data.make_loader(docs, byte, seq_len=512, batch_size=1, seed=5, pack="document",
+        loader = make_loader(docs, byte, seq_len=512, batch_size=1, seed=5, pack="document",
                                   shard_index=p, shard_count=3)
         rows = rows_of(loader, n=n_rows)["tokens"]
         seen.append([byte.decode(r) for r in rows])
@@ -277,9 +280,9 @@ def test_training_shards_are_disjoint_and_cover_each_epoch(byte):
 
 def test_eval_shards_yield_equal_batch_counts_and_interleave_to_the_whole(byte, val_docs):
     docs = VERSES[:30] + val_docs[:1]
-    whole = rows_of(data.make_loader(docs, byte, seq_len=SEQ, batch_size=6, seed=0, train=False,
+    whole = rows_of(make_loader(docs, byte, seq_len=SEQ, batch_size=6, seed=0, train=False,
                                      shard_index=0, shard_count=1))
-    shards = [list(data.make_loader(docs, byte, seq_len=SEQ, batch_size=2, seed=0, train=False,
+    shards = [list(make_loader(docs, byte, seq_len=SEQ, batch_size=2, seed=0, train=False,
                                     shard_index=p, shard_count=3)) for p in range(3)]
     assert len({len(s) for s in shards}) == 1
     for k in whole:
@@ -291,7 +294,7 @@ def test_eval_shards_yield_equal_batch_counts_and_interleave_to_the_whole(byte, 
 
 
 def loader_for(docs, tok, seed=7, **kw):
-    return data.make_loader(docs, tok, seq_len=SEQ, batch_size=3, seed=seed, shard_index=0, shard_count=1, **kw)
+    return make_loader(docs, tok, seq_len=SEQ, batch_size=3, seed=seed, shard_index=0, shard_count=1, **kw)
 
 
 def assert_same_batches(a, b, n):
@@ -309,7 +312,7 @@ def test_same_seed_same_batches_other_seed_other_batches(byte, val_docs):
 
 def test_fit_packing_never_cuts_a_document_that_fits_in_a_row(byte):
     docs = VERSES[:60] + [RAW["Jonah"][0][0] * 4]  # verses (short) and one document longer than a row
-    rows = rows_of(data.make_loader(docs, byte, seq_len=SEQ, batch_size=4, seed=0, train=False, pack="fit"))
+    rows = rows_of(make_loader(docs, byte, seq_len=SEQ, batch_size=4, seed=0, train=False, pack="fit"))
     whole = {len(byte.encode(d)) + 2 for d in docs if len(byte.encode(d)) + 2 <= SEQ}
     starts = ends = 0
     for tokens, seg in zip(rows["tokens"], rows["segment_ids"]):
@@ -320,12 +323,12 @@ def test_fit_packing_never_cuts_a_document_that_fits_in_a_row(byte):
             starts += piece[0] == byte.bos_id
             ends += piece[-1] == byte.eos_id
     assert starts == ends == len(docs)  # every document appears once, the long one cut, no other
-    concat = rows_of(data.make_loader(docs, byte, seq_len=SEQ, batch_size=4, seed=0, train=False, pack="concat"))
+    concat = rows_of(make_loader(docs, byte, seq_len=SEQ, batch_size=4, seed=0, train=False, pack="concat"))
     assert (concat["segment_ids"] == 0).sum() < (rows["segment_ids"] == 0).sum()  # fit pays with padding
 
 
 def test_passkey_mixture_adds_deterministic_whole_passkey_rows(byte, val_docs):
-    from longrope_jax import passkey
+    from longrope_jax.data import passkey
 
     mix = passkey.Mixture(val_docs, 0.2, max_chars=SEQ - 2, seed=3)
     extra = [mix[i] for i in range(len(val_docs), len(mix))]
@@ -338,7 +341,7 @@ def test_passkey_mixture_adds_deterministic_whole_passkey_rows(byte, val_docs):
         assert len(text) <= SEQ - 2
         key = passkey.first_integer(text)
         assert text.endswith(f"The pass key is {key}.") and f"The pass key is {key}. Remember it." in text
-    rows = rows_of(data.make_loader(mix, byte, seq_len=SEQ, batch_size=8, seed=0, pack="fit"), 40)
+    rows = rows_of(make_loader(mix, byte, seq_len=SEQ, batch_size=8, seed=0, pack="fit"), 40)
     questions = answers = 0
     for tokens, seg in zip(rows["tokens"], rows["segment_ids"]):
         for s in range(1, seg.max() + 1):
@@ -391,11 +394,11 @@ def test_files_glob_reads_txt_and_jsonl(tmp_path, byte):
     (tmp_path / "validation").mkdir()
     lines = [json.dumps({"id": i, "content": v}) for i, v in enumerate(VERSES[3:6])]
     (tmp_path / "validation" / "a.jsonl").write_text("\n".join(lines) + "\n\n")
-    txt = data.open_source(f"files:{tmp_path}/{{split}}/*.txt", "train")
+    txt = open_source(f"files:{tmp_path}/{{split}}/*.txt", "train")
     assert list(txt) == VERSES[:3]
-    jl = data.open_source(f"files:{tmp_path}/{{split}}/*", "validation", text_key="content")
+    jl = open_source(f"files:{tmp_path}/{{split}}/*", "validation", text_key="content")
     assert list(jl) == VERSES[3:6] and jl[-1] == VERSES[5]
-    batch = next(data.make_loader(jl, byte, seq_len=SEQ, batch_size=1, seed=0, shard_index=0, shard_count=1))
+    batch = next(make_loader(jl, byte, seq_len=SEQ, batch_size=1, seed=0, shard_index=0, shard_count=1))
     assert batch["tokens"].shape == (1, SEQ)
 
 
@@ -404,35 +407,35 @@ def test_files_glob_reads_txt_and_jsonl(tmp_path, byte):
 
 def test_clear_errors_for_bad_data_input(tmp_path, kjv_dir, byte):
     with pytest.raises(FileNotFoundError, match="no file matches"):
-        data.open_source(f"files:{tmp_path}/nothing/*.txt", "train")
+        open_source(f"files:{tmp_path}/nothing/*.txt", "train")
     (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(KeyError, match=r"a.jsonl:1: no string field 'text' \(found \['body'\]\)"):
-        data.open_source(f"files:{tmp_path}/*.jsonl", "train")
+        open_source(f"files:{tmp_path}/*.jsonl", "train")
     (tmp_path / "b.csv").write_text("x")
     with pytest.raises(ValueError, match="neither .txt nor .jsonl"):
-        data.open_source(f"files:{tmp_path}/*", "train", text_key="body")
+        open_source(f"files:{tmp_path}/*", "train", text_key="body")
     for spec in ("bible", "tfds:", "files:", "tfds:a:b:c"):
         with pytest.raises(ValueError, match="data spec"):
-            data.open_source(spec, "train")
+            open_source(spec, "train")
     with pytest.raises(ValueError, match="split 'test'"):
-        data.open_source("kjv", "test", data_dir=kjv_dir)
+        open_source("kjv", "test", data_dir=kjv_dir)
     with pytest.raises(KeyError, match=r"no feature 'body'; its text features are \['text', 'title'\]"):
-        data.open_source("tfds:kjv", "train", data_dir=kjv_dir, text_key="body")
+        open_source("tfds:kjv", "train", data_dir=kjv_dir, text_key="body")
     with pytest.raises(ValueError, match="knows no dataset 'no_such_corpus'"):
-        data.open_source("tfds:no_such_corpus", "train", data_dir=tmp_path)
+        open_source("tfds:no_such_corpus", "train", data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="tfds:pg19 .* not prepared"):
-        data.open_source("tfds:pg19", "train", data_dir=tmp_path / "empty", text_key="book_text")
+        open_source("tfds:pg19", "train", data_dir=tmp_path / "empty", text_key="book_text")
     for spec, err in (("bytes", ValueError), ("hf:", ValueError), (f"hf:{tmp_path}", FileNotFoundError),
                       (f"sentencepiece:{tmp_path}/x.model", FileNotFoundError)):
         with pytest.raises(err, match="tokenizer|not found"):
-            data.build_tokenizer(spec)
+            build_tokenizer(spec)
     for kw, match in ((dict(pack="rows"), "pack='rows'"), (dict(shard_index=2, shard_count=2), "shard_index=2"),
                       (dict(seq_len=0), "seq_len=0"), (dict(seed=-1), "seed=-1")):
         args = dict(seq_len=SEQ, batch_size=1, seed=0, shard_index=0, shard_count=1) | kw
         with pytest.raises(ValueError, match=match):
-            data.make_loader(VERSES, byte, **args)
+            make_loader(VERSES, byte, **args)
     with pytest.raises(ValueError, match="holds no document"):
-        data.make_loader([], byte, seq_len=SEQ, batch_size=1, seed=0, shard_index=0, shard_count=1)
+        make_loader([], byte, seq_len=SEQ, batch_size=1, seed=0, shard_index=0, shard_count=1)
 
 
 def test_cli_data_prepare_reports_the_splits(tmp_path, capsys):

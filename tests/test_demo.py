@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from longrope_jax import demo
+from longrope_jax.demo.plan import Plan
+from longrope_jax.demo.run import run_demo
 
 
 def test_quick_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
@@ -16,7 +17,7 @@ def test_quick_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     stages = json.loads((tmp_path / "stages.json").read_text())
-    plan = demo.Plan.quick()
+    plan = Plan.quick()
     assert list(stages) == [name for name in plan.expected_s]
     report = (tmp_path / "report.md").read_text()
     for section in ("## Findings", "## Without fine-tuning", "## After fine-tuning", "## Export", "## Stage times"):
@@ -35,7 +36,7 @@ def test_quick_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
 def test_demo_refuses_a_workdir_holding_the_other_plan(tmp_path):
     (tmp_path / "plan.json").write_text("{}")
     with pytest.raises(ValueError, match="plan.json differs"):
-        demo.run_demo(tmp_path, quick=True)
+        run_demo(tmp_path, quick=True)
 
 
 def _ppl_rows(model, values):
@@ -49,9 +50,9 @@ def _pk_rows(model, method, acc):
 
 @pytest.mark.parametrize("blows_up", [True, False])
 def test_findings_and_discussion_follow_the_numbers(blows_up):
-    from longrope_jax import demo_report
+    from longrope_jax.demo import report as demo_report
 
-    plan = demo.Plan.full()
+    plan = Plan.full()
     far = 40.0 if blows_up else 7.0
     values = {("none", 256): 6.0, ("none", 512): 6.5, ("none", 1024): far, ("none", 2048): 2 * far}
     for s, n in ((4, 1024), (8, 2048)):

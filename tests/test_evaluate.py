@@ -12,11 +12,16 @@ import jax
 import numpy as np
 import pytest
 
-from longrope_jax import cli, evaluate, parallel, perplexity, report
-from longrope_jax.convert import save_jax
+from longrope_jax import cli
+from longrope_jax.data.tokenizer import ByteTokenizer
+from longrope_jax.eval import perplexity, report
+from longrope_jax.eval.methods import parse_method, parse_methods
+from longrope_jax.eval.passkey import evaluate_passkey, passkey_cells, score_passkey
+from longrope_jax.io.artifacts import read_rope_scaling
+from longrope_jax.io.orbax_params import save_jax
 from longrope_jax.model import Llama, LlamaConfig, init_params
 from longrope_jax.rope import RopeScaling
-from longrope_jax.tokenizer import ByteTokenizer
+from longrope_jax.sharding import mesh as parallel
 
 ORIG, D_HALF, BOS = 32, 4, 256
 LONGROPE = RopeScaling("longrope", short_factor=(1.0, 1.2, 1.5, 2.0), long_factor=(1.0, 1.5, 3.0, 4.0),
@@ -124,7 +129,7 @@ def test_one_compile_per_method_and_length(model):
 def test_perplexity_matches_transformers_with_labels_minus_100(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from longrope_jax.convert import load_hf
+    from longrope_jax.io.hf import load_hf
 
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -247,12 +252,12 @@ def test_method_specs_build_the_rope_scaling_they_name(tmp_path):
             "longrope", original_max_position_embeddings=16, short_factor=(1.0,) * 4, long_factor=(2.0,) * 4),
     }
     for spec, scaling in want.items():
-        assert evaluate.parse_method(spec, cfg, original_length=24) == scaling, spec
+        assert parse_method(spec, cfg, original_length=24) == scaling, spec
     # Unnamed specs are named by themselves; no spec at all is the model's own RoPE.
-    methods, specs = evaluate.parse_methods(["pi=linear:4", "yarn:4"], cfg)
+    methods, specs = parse_methods(["pi=linear:4", "yarn:4"], cfg)
     assert specs == {"pi": "linear:4", "yarn:4": "yarn:4"}
     assert methods["yarn:4"].original_max_position_embeddings == ORIG  # default: max_position_embeddings
-    assert evaluate.parse_methods(None, cfg)[0] == {"model": cfg.rope_scaling}
+    assert parse_methods(None, cfg)[0] == {"model": cfg.rope_scaling}
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -271,7 +276,7 @@ def test_bad_method_specs_name_the_value(tmp_path, monkeypatch, spec, message):
                                                      "long_factor": [2, 2]}))
     (tmp_path / "yarn.json").write_text(json.dumps({"rope_type": "yarn", "factor": 2.0}))
     with pytest.raises((ValueError, FileNotFoundError), match=message.replace("(", r"\(")):
-        evaluate.parse_method(spec, tiny_config())
+        parse_method(spec, tiny_config())
 
 
 # ---- passkey ------------------------------------------------------------------------------------------
@@ -286,7 +291,7 @@ QUERY_TEXT = "What is the pass key? The pass key is"
 @pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
 def test_passkey_prompt_is_the_landmark_template_exactly(depth):
     tok, key, length = ByteTokenizer(), 31337, 700
-    ids = evaluate.passkey_cells(tok, lengths=[length], depths=[depth], trials=1)[0][3][0].tolist()
+    ids = passkey_cells(tok, lengths=[length], depths=[depth], trials=1)[0][3][0].tolist()
     assert len(ids) == length and ids[0] == tok.bos_id
     text = bytes(ids[1:]).decode()
     key = int(text.split("The pass key is ")[1].split(".")[0])
@@ -299,7 +304,7 @@ def test_passkey_prompt_is_the_landmark_template_exactly(depth):
 
 def test_passkey_scoring_takes_the_first_integer_only():
     completions = [" 4242.", "no digits at all", " 42 4242", " 42420", "4242 is it"]
-    assert evaluate.score_passkey(completions, [4242] * 5) == [True, False, False, False, True]
+    assert score_passkey(completions, [4242] * 5) == [True, False, False, False, True]
 
 
 def test_passkey_rows_from_a_stand_in_generator():
@@ -318,7 +323,7 @@ def test_passkey_rows_from_a_stand_in_generator():
         return np.asarray(out, np.int32)
 
     methods = {"a": None, "b": RopeScaling("linear", factor=2.0)}
-    rows = evaluate.evaluate_passkey(cfg, None, tok, lengths=[400, 500], depths=2, trials=3, methods=methods,
+    rows = evaluate_passkey(cfg, None, tok, lengths=[400, 500], depths=2, trials=3, methods=methods,
                                      generate_fn=fake_generate)
     assert len(calls) == 2 * 2 * 2  # one call per method x length x depth cell, all trials batched
     assert {c[0] for c in calls} == {(3, 400), (3, 500)} and {c[2] for c in calls} == {10}
@@ -334,12 +339,12 @@ def test_passkey_rows_from_a_stand_in_generator():
 
 def test_passkey_length_shorter_than_the_template_is_a_clear_error():
     with pytest.raises(ValueError, match=r"passkey length 100: the template alone takes \d+ tokens"):
-        evaluate.passkey_cells(ByteTokenizer(), lengths=[100], depths=3, trials=2)
+        passkey_cells(ByteTokenizer(), lengths=[100], depths=3, trials=2)
 
 
 def test_passkey_with_the_real_generator_returns_well_formed_rows(model):
     cfg, params = model
-    rows = evaluate.evaluate_passkey(cfg, params, ByteTokenizer(), lengths=[300], depths=2, trials=2)
+    rows = evaluate_passkey(cfg, params, ByteTokenizer(), lengths=[300], depths=2, trials=2)
     assert len(rows) == 2
     for r in rows:
         assert set(r) == {"method", "length", "depth", "trials", "correct", "accuracy", "samples"}
@@ -417,7 +422,7 @@ def test_cli_bad_input_exits_2_naming_the_value(tmp_path, kjv_dir, jax_model, ca
 
 
 def test_rope_json_files_fail_the_same_way_in_eval_and_training(tmp_path):
-    from longrope_jax import config as config_lib
+    from longrope_jax.train import config as config_lib
 
     (tmp_path / "list.json").write_text("[1.0, 2.0]")
     (tmp_path / "bad.json").write_text("{")
@@ -426,7 +431,7 @@ def test_rope_json_files_fail_the_same_way_in_eval_and_training(tmp_path):
              "missing.json": (FileNotFoundError, "not found; expected a rope_scaling JSON object")}
     for name, (error, message) in cases.items():
         with pytest.raises(error, match=f"longrope method: .*{name}.* {message}"):
-            evaluate.read_rope_file(tmp_path / name, 256)
+            read_rope_scaling(tmp_path / name, "longrope method", 256)
         c = config_lib.default_config()
         c.rope.update(type="longrope", factors_file=str(tmp_path / name))
         with pytest.raises(error, match=f"config.rope.factors_file: .*{name}.* {message}"):

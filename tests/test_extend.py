@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from longrope_jax import cli, extend
-from longrope_jax.convert import load_hf, save_hf
+from longrope_jax.io.hf import load_hf, save_hf
 from longrope_jax.model import Llama, LlamaConfig, init_params
 
 REPO = Path(__file__).resolve().parent.parent

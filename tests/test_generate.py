@@ -16,9 +16,9 @@ import torch
 import transformers
 
 from longrope_jax import generate as gen
-from longrope_jax.convert import load_hf
+from longrope_jax.data.tokenizer import ByteTokenizer
+from longrope_jax.io.hf import load_hf
 from longrope_jax.model import Llama, LlamaConfig, init_params
-from longrope_jax.tokenizer import ByteTokenizer
 
 transformers.logging.set_verbosity_error()
 

@@ -161,6 +161,47 @@ def test_unknown_argument_is_a_usage_error(script, cloud):
     assert "unknown argument: --bogus" in proc.stderr
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize(
+    "args, bad",
+    [
+        (["--bogus", *LOC], "--bogus"),
+        ([*LOC, "--dry-run", "bogus"], "bogus"),
+        ([*LOC, "--bogus=1", "--help"], "--bogus=1"),  # read in order: the error comes before --help
+    ],
+)
+def test_unknown_argument_gives_the_same_error_in_every_script(script, args, bad, cloud):
+    env, state = cloud
+    proc = launch(script, *args, env=env, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"{script}: error: unknown argument: {bad}\nTry '{script} --help'.\n"
+    assert proc.stdout == ""
+    assert calls(state) == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_flag_without_its_value_is_a_usage_error(script, cloud):
+    env, state = cloud
+    proc = launch(script, *LOC, "--dry-run", "--project", env=env, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == f"{script}: error: --project needs a value\nTry '{script} --help'.\n"
+    assert calls(state) == []
+
+
+def test_everything_after_a_double_dash_goes_to_the_trainer_unread(cloud):
+    env, _ = cloud
+    after = ["--name", "other", "--bogus", "--help", "--dry-run"]
+    (words,) = dry_run("train.sh", *LOC, "--config", "c.py", "--workdir", "gs://b/r", "--", *after, env=env)
+    assert words[5] == "my-tpu"
+    trainer = shlex.join(["train", "--config", "c.py", "--workdir", "gs://b/r", *after])
+    assert f"{trainer} >> ../longrope_logs/train.log" in remote_command(words)
+    *_, train = dry_run("babysit.sh", *BABYSIT, *GIT, "--", *after, env=env)
+    assert train[5] == "my-tpu"
+    trainer = shlex.join(["train", "--config", "configs/x.py", "--workdir", "gs://bkt/run1", "--config.steps=100",
+                          *after])
+    assert f"{trainer} >> ../longrope_logs/train.log" in remote_command(train)
+
+
 @pytest.mark.parametrize("script", ["delete.sh", "status.sh", "stop.sh", "logs.sh"])
 def test_env_vars_give_the_location_and_flags_override_them(script, cloud):
     env, _ = cloud
@@ -220,6 +261,24 @@ def test_create_usage_errors(args, message, cloud):
     env, state = cloud
     proc = launch("create.sh", *LOC, *args, env=env, check=False)
     assert proc.returncode == 2 and message in proc.stderr
+    assert calls(state) == []
+
+
+@pytest.mark.parametrize("script", ["create.sh", "babysit.sh"])
+def test_create_and_babysit_take_the_slice_type_alike(script, cloud):
+    env, state = cloud
+    rest = [*GIT, "--config", "c.py", "--workdir", "gs://b/r"] if script == "babysit.sh" else []
+    lines = dry_run(script, *LOC, *rest, "--version=flag-version",
+                    env=dict(env, ACCELERATOR="v4-8", RUNTIME_VERSION="env-version"))
+    (create,) = [words for words in lines if words[:5] == TPU + ["create"]]
+    assert create[5:9] == ["my-tpu", "--zone=us-central2-b", "--accelerator-type=v4-8", "--version=flag-version"]
+    for args, message in [
+        (["--version", "v"], "--accelerator is required (or set ACCELERATOR)"),
+        (["--accelerator=a"], "--version is required (or set RUNTIME_VERSION)"),
+        (["--version", "v", "--accelerator"], "--accelerator needs a value"),
+    ]:
+        proc = launch(script, "--dry-run", *LOC, *rest, *args, env=env, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
     assert calls(state) == []
 
 

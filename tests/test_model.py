@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from longrope_jax.convert import load_hf
+from longrope_jax.io.hf import load_hf
 from longrope_jax.model import Llama, LlamaConfig, init_params
 from longrope_jax.rope import RopeScaling
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from longrope_jax import data as data_lib
+from longrope_jax.data import sources as data_lib
 from tests.processes import free_port, run_all, tail
 
 ROOT = Path(__file__).resolve().parents[1]

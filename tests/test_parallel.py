@@ -15,9 +15,18 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from longrope_jax import parallel
 from longrope_jax.model import Llama, LlamaConfig, init_params
-from longrope_jax.parallel import DEFAULT_RULES, MESH_AXES
+from longrope_jax.sharding import distributed
+from longrope_jax.sharding.distributed import (
+    TPU_ENV_VARS,
+    global_batch,
+    initialize_distributed,
+    local_slices,
+    on_cloud_tpu_vm,
+)
+from longrope_jax.sharding.init import init_sharded, param_shardings
+from longrope_jax.sharding.mesh import batch_sharding, make_mesh
+from longrope_jax.sharding.rules import DEFAULT_RULES, MESH_AXES, rules_from_config
 
 # Every dimension a DEFAULT_RULES mesh below shards divides: heads and kv heads by tensor=4,
 # hidden by fsdp*seq=8, vocab and mlp by 4.
@@ -55,7 +64,7 @@ EXPECTED_SPECS = {
 
 def mesh_of(name):
     data, fsdp, seq, tensor = MESHES[name]
-    return parallel.make_mesh(data=data, fsdp=fsdp, seq=seq, tensor=tensor)
+    return make_mesh(data=data, fsdp=fsdp, seq=seq, tensor=tensor)
 
 
 def config_of(scan):
@@ -91,7 +100,7 @@ def axes_size(mesh, axes):
 
 @functools.cache
 def sharded_params(mesh_name, scan):
-    return parallel.init_sharded(config_of(scan), mesh_of(mesh_name), jax.random.key(0))
+    return init_sharded(config_of(scan), mesh_of(mesh_name), jax.random.key(0))
 
 
 @functools.cache
@@ -107,7 +116,7 @@ def tokens_np():
 
 
 def test_make_mesh_default_puts_every_device_on_fsdp_with_auto_axes():
-    mesh = parallel.make_mesh()
+    mesh = make_mesh()
     assert mesh.axis_names == MESH_AXES
     assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "seq": 1, "tensor": 1}
     assert mesh.axis_types == (AxisType.Auto,) * 4
@@ -121,13 +130,13 @@ def test_make_mesh_default_puts_every_device_on_fsdp_with_auto_axes():
     (dict(data=2, fsdp=2, seq=2, tensor=1), (2, 2, 2, 1)),  # no -1: the sizes must use every device
 ])
 def test_make_mesh_infers_the_minus_one_axis(kwargs, shape):
-    mesh = parallel.make_mesh(**kwargs)
+    mesh = make_mesh(**kwargs)
     assert tuple(mesh.shape[a] for a in MESH_AXES) == shape
 
 
 def test_make_mesh_reshapes_explicit_devices_in_the_given_order():
     devices = jax.devices()[::-1][:4]
-    mesh = parallel.make_mesh(fsdp=-1, seq=2, devices=devices)
+    mesh = make_mesh(fsdp=-1, seq=2, devices=devices)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "seq": 2, "tensor": 1}
     assert list(mesh.devices.flat) == devices
 
@@ -141,7 +150,7 @@ def test_make_mesh_reshapes_explicit_devices_in_the_given_order():
 ])
 def test_make_mesh_errors_show_the_arithmetic(kwargs, message):
     with pytest.raises(ValueError) as e:
-        parallel.make_mesh(**kwargs)
+        make_mesh(**kwargs)
     assert message in str(e.value)
 
 
@@ -149,13 +158,13 @@ def test_make_mesh_errors_show_the_arithmetic(kwargs, message):
 
 
 def test_rules_from_config_replaces_in_place_and_appends_new_names():
-    rules = parallel.rules_from_config({"embed": "fsdp", "vocab": None, "mlp": ["tensor"], "experts": "data,fsdp"})
+    rules = rules_from_config({"embed": "fsdp", "vocab": None, "mlp": ["tensor"], "experts": "data,fsdp"})
     expected = dict(DEFAULT_RULES, embed="fsdp", vocab=None, experts=("data", "fsdp"))
     assert [name for name, _ in rules] == [name for name, _ in DEFAULT_RULES] + ["experts"]
     assert dict(rules) == expected
     hash(rules)  # a Flax module attribute must be hashable
-    assert parallel.rules_from_config() == DEFAULT_RULES
-    assert parallel.rules_from_config([("embed", "fsdp"), ("embed", "seq")])[2:4] == (("embed", "fsdp"), ("embed", "seq"))
+    assert rules_from_config() == DEFAULT_RULES
+    assert rules_from_config([("embed", "fsdp"), ("embed", "seq")])[2:4] == (("embed", "fsdp"), ("embed", "seq"))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -166,14 +175,14 @@ def test_rules_from_config_replaces_in_place_and_appends_new_names():
 ])
 def test_rules_from_config_rejects_bad_overrides(overrides, message):
     with pytest.raises(ValueError) as e:
-        parallel.rules_from_config(overrides)
+        rules_from_config(overrides)
     assert message in str(e.value)
 
 
 def test_param_shardings_follow_overridden_rules():
     mesh = mesh_of("fsdp4_tensor2")
-    rules = parallel.rules_from_config({"embed": "fsdp", "vocab": None, "mlp": None})
-    shardings = flat(parallel.param_shardings(CONFIG, mesh, rules))
+    rules = rules_from_config({"embed": "fsdp", "vocab": None, "mlp": None})
+    shardings = flat(param_shardings(CONFIG, mesh, rules))
     assert normalize(shardings["embed_tokens/embedding"].spec, 2) == (None, "fsdp")
     assert normalize(shardings["layers_0/mlp/up_proj/kernel"].spec, 2) == ("fsdp", None)
     assert normalize(shardings["layers_0/self_attn/q_proj/kernel"].spec, 3) == ("fsdp", "tensor", None)
@@ -181,9 +190,9 @@ def test_param_shardings_follow_overridden_rules():
 
 def test_batch_sharding_maps_batch_and_length():
     mesh = mesh_of("fsdp2_seq2_tensor2")
-    assert normalize(parallel.batch_sharding(mesh).spec, 2) == (("data", "fsdp"), "seq")
-    rules = parallel.rules_from_config({"batch": "data", "length": None})
-    assert normalize(parallel.batch_sharding(mesh, rules).spec, 2) == ("data", None)
+    assert normalize(batch_sharding(mesh).spec, 2) == (("data", "fsdp"), "seq")
+    rules = rules_from_config({"batch": "data", "length": None})
+    assert normalize(batch_sharding(mesh, rules).spec, 2) == ("data", None)
 
 
 # ---- sharded init ------------------------------------------------------------------------------
@@ -230,7 +239,7 @@ def test_sharded_init_equals_unsharded_init(scan):
 def test_sharded_forward_equals_unsharded_forward(mesh_name, scan):
     mesh, config = mesh_of(mesh_name), config_of(scan)
     tokens = tokens_np()
-    batch = parallel.global_batch(tokens, mesh, parallel.batch_sharding(mesh), tokens.shape)
+    batch = global_batch(tokens, mesh, batch_sharding(mesh), tokens.shape)
     logits = jax.jit(Llama(config, mesh=mesh).apply)({"params": sharded_params(mesh_name, scan)}, batch)
     ref = Llama(config).apply({"params": reference_params(scan)}, tokens)
     want = P(("data", "fsdp"), "seq", "tensor")  # (batch, length, vocab)
@@ -247,7 +256,7 @@ def test_sharded_forward_equals_unsharded_forward(mesh_name, scan):
 def test_parameter_that_does_not_divide_its_mesh_axes_names_itself(overrides, path, shape, axes):
     config = dataclasses.replace(CONFIG, **overrides)
     mesh = mesh_of("fsdp4_tensor2")
-    for make in (parallel.param_shardings, functools.partial(parallel.init_sharded, rng=jax.random.key(0))):
+    for make in (param_shardings, functools.partial(init_sharded, rng=jax.random.key(0))):
         with pytest.raises(ValueError) as e:
             make(config, mesh)
         msg = str(e.value)
@@ -255,7 +264,7 @@ def test_parameter_that_does_not_divide_its_mesh_axes_names_itself(overrides, pa
 
 
 def test_param_shardings_tree_matches_init_params():
-    shardings = parallel.param_shardings(CONFIG, mesh_of("fsdp8"))
+    shardings = param_shardings(CONFIG, mesh_of("fsdp8"))
     is_sharding = lambda x: isinstance(x, NamedSharding)
     assert jax.tree.structure(shardings, is_leaf=is_sharding) == jax.tree.structure(reference_params(False))
 
@@ -265,11 +274,11 @@ def test_param_shardings_tree_matches_init_params():
 
 def test_local_slices_and_global_batch_in_one_process():
     mesh = mesh_of("fsdp2_seq2_tensor2")
-    sharding = parallel.batch_sharding(mesh)
-    assert parallel.local_slices((BATCH, LENGTH), sharding) == (slice(0, BATCH), slice(0, LENGTH))
+    sharding = batch_sharding(mesh)
+    assert local_slices((BATCH, LENGTH), sharding) == (slice(0, BATCH), slice(0, LENGTH))
     tokens = tokens_np()
     positions = np.broadcast_to(np.arange(LENGTH, dtype=np.int32), tokens.shape).copy()
-    batch = parallel.global_batch({"tokens": tokens, "positions": positions}, mesh, P(("data", "fsdp"), "seq"))
+    batch = global_batch({"tokens": tokens, "positions": positions}, mesh, P(("data", "fsdp"), "seq"))
     for name, want in (("tokens", tokens), ("positions", positions)):
         assert batch[name].sharding.is_equivalent_to(sharding, 2), name
         np.testing.assert_array_equal(np.asarray(batch[name]), want)
@@ -279,7 +288,7 @@ def test_local_slices_and_global_batch_in_one_process():
 def test_global_batch_rejects_data_that_is_neither_local_nor_global():
     mesh = mesh_of("fsdp8")
     with pytest.raises(ValueError) as e:
-        parallel.global_batch({"tokens": tokens_np()[:, :8]}, mesh, parallel.batch_sharding(mesh), (BATCH, LENGTH))
+        global_batch({"tokens": tokens_np()[:, :8]}, mesh, batch_sharding(mesh), (BATCH, LENGTH))
     assert "global_batch['tokens']: local data has shape (8, 8)" in str(e.value)
     assert "expected (8, 16)" in str(e.value)
 
@@ -293,31 +302,31 @@ def fake_distributed(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(calls))
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-    for var in ("LONGROPE_COORDINATOR", "LONGROPE_NUM_PROCESSES", "LONGROPE_PROCESS_ID", *parallel._TPU_ENV_VARS):
+    for var in ("LONGROPE_COORDINATOR", "LONGROPE_NUM_PROCESSES", "LONGROPE_PROCESS_ID", *TPU_ENV_VARS):
         monkeypatch.delenv(var, raising=False)
     return calls
 
 
 def test_initialize_distributed_single_process_is_a_no_op(fake_distributed, monkeypatch):
-    monkeypatch.setattr(parallel, "on_cloud_tpu_vm", lambda: False)
-    assert parallel.initialize_distributed() is False
-    assert parallel.initialize_distributed(num_processes=1) is False
+    monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: False)
+    assert initialize_distributed() is False
+    assert initialize_distributed(num_processes=1) is False
     assert fake_distributed == []
 
 
 def test_initialize_distributed_on_a_tpu_vm_lets_jax_detect_the_slice(fake_distributed, monkeypatch):
-    monkeypatch.setattr(parallel, "on_cloud_tpu_vm", lambda: True)
-    assert parallel.initialize_distributed() is True
-    assert parallel.initialize_distributed() is True  # idempotent
+    monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: True)
+    assert initialize_distributed() is True
+    assert initialize_distributed() is True  # idempotent
     assert fake_distributed == [((), {"local_device_ids": None})]
 
 
 def test_initialize_distributed_explicit_from_args_or_env_uses_gloo_on_cpu(fake_distributed, monkeypatch):
-    monkeypatch.setattr(parallel, "on_cloud_tpu_vm", lambda: False)
+    monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: False)
     old = jax.config.jax_cpu_collectives_implementation
     try:
         jax.config.update("jax_cpu_collectives_implementation", None)
-        assert parallel.initialize_distributed("10.0.0.1:1234", 2, 1) is True
+        assert initialize_distributed("10.0.0.1:1234", 2, 1) is True
         assert jax.config.jax_cpu_collectives_implementation == "gloo"
     finally:
         jax.config.update("jax_cpu_collectives_implementation", old)
@@ -325,7 +334,7 @@ def test_initialize_distributed_explicit_from_args_or_env_uses_gloo_on_cpu(fake_
     monkeypatch.setenv("LONGROPE_COORDINATOR", "10.0.0.1:1234")
     monkeypatch.setenv("LONGROPE_NUM_PROCESSES", "4")
     monkeypatch.setenv("LONGROPE_PROCESS_ID", "3")
-    assert parallel.initialize_distributed() is True
+    assert initialize_distributed() is True
     assert fake_distributed == [(("10.0.0.1:1234", 4, 3), {"local_device_ids": None})]
 
 
@@ -339,11 +348,11 @@ def test_initialize_distributed_rejects_incomplete_settings(fake_distributed, mo
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError) as e:
-        parallel.initialize_distributed(**kwargs)
+        initialize_distributed(**kwargs)
     assert message in str(e.value)
     assert fake_distributed == []
 
 
 def test_tpu_worker_env_marks_a_cloud_tpu_vm(monkeypatch):
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-n-0,t1v-n-1")
-    assert parallel.on_cloud_tpu_vm()
+    assert on_cloud_tpu_vm()

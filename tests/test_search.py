@@ -13,12 +13,19 @@ import jax
 import numpy as np
 import pytest
 
-from longrope_jax import cli, config as config_lib, data, evolution, genome, search
-from longrope_jax.convert import save_jax
-from longrope_jax.fitness import PerplexityEvaluator, eval_windows
-from longrope_jax.genome import SearchSpace
+from longrope_jax import cli
+from longrope_jax.data.sources import open_source
+from longrope_jax.data.tokenizer import build_tokenizer
+from longrope_jax.io.artifacts import read_factors
+from longrope_jax.io.orbax_params import save_jax
 from longrope_jax.model import Llama, LlamaConfig, init_params
 from longrope_jax.rope import START_TOKEN_CHOICES, RopeScaling, default_inv_freq, frequencies
+from longrope_jax.search import cli as search
+from longrope_jax.search import evolution
+from longrope_jax.search import space as genome
+from longrope_jax.search.fitness import PerplexityEvaluator, eval_windows
+from longrope_jax.search.space import SearchSpace
+from longrope_jax.train import config as config_lib
 
 ORIG, TARGET, D_HALF = 64, 256, 8
 SMALL = dict(population=12, mutations=4, crossovers=4, parents=6, iterations=2)
@@ -39,7 +46,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def windows(kjv_dir):
-    return eval_windows(data.open_source("kjv", "validation", data_dir=kjv_dir), data.build_tokenizer("byte"), TARGET, 3)
+    return eval_windows(open_source("kjv", "validation", data_dir=kjv_dir), build_tokenizer("byte"), TARGET, 3)
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +210,8 @@ def test_perplexity_equals_a_direct_log_softmax_computation(model, windows, eval
 
 
 def test_eval_windows_are_bos_plus_document_prefixes(kjv_dir, windows):
-    tok = data.build_tokenizer("byte")
-    docs = [d for d in data.open_source("kjv", "validation", data_dir=kjv_dir) if len(tok.encode(d)) >= TARGET]
+    tok = build_tokenizer("byte")
+    docs = [d for d in open_source("kjv", "validation", data_dir=kjv_dir) if len(tok.encode(d)) >= TARGET]
     assert windows.shape == (3, TARGET) and windows.dtype == np.int32
     for row, doc in zip(windows, docs):
         assert row[0] == tok.bos_id and row[1:].tolist() == tok.encode(doc)[: TARGET - 1]
@@ -302,7 +309,7 @@ def test_outputs_parse_and_rope_scaling_loads_in_rope_py_and_the_trainer(tmp_pat
                                   progress=False)
     csv = (tmp_path / "long" / "factors.csv").read_text().splitlines()
     assert [float(x) for x in csv] == result["factors"] and len(csv) == D_HALF
-    np.testing.assert_array_equal(genome.load_factors(tmp_path / "long" / "factors.csv", D_HALF), result["factors"])
+    np.testing.assert_array_equal(read_factors(tmp_path / "long" / "factors.csv", D_HALF), result["factors"])
     assert json.loads((tmp_path / "long" / "result.json").read_text()) == result
     d = json.loads((tmp_path / "rope_scaling.json").read_text())
     assert d["long_factor"] == result["factors"] and d["short_factor"] == [1.0] * D_HALF
@@ -360,11 +367,11 @@ def test_bad_inputs_raise_clear_errors(model, kjv_dir, tmp_path, capsys):
         long_config(population=6, parents=8)
     with pytest.raises(ValueError, match="n̂ is searched with the long factors"):
         long_config(short=True, search_start_tokens=True)
-    docs = data.open_source("kjv", "validation", data_dir=kjv_dir)
+    docs = open_source("kjv", "validation", data_dir=kjv_dir)
     with pytest.raises(ValueError, match=r"needs 7 documents of >= 256 tokens, found 6"):
-        eval_windows(docs, data.build_tokenizer("byte"), TARGET, 7)
+        eval_windows(docs, build_tokenizer("byte"), TARGET, 7)
     with pytest.raises(ValueError, match=r"needs 2 documents of >= 50000 tokens, found 1"):
-        eval_windows(docs, data.build_tokenizer("byte"), 50000, 2)
+        eval_windows(docs, build_tokenizer("byte"), 50000, 2)
     cfg, params = model
     small_vocab = dataclasses.replace(cfg, vocab_size=200)
     with pytest.raises(ValueError, match="expected ids below the model's vocab_size 200"):
@@ -381,10 +388,10 @@ def test_bad_inputs_raise_clear_errors(model, kjv_dir, tmp_path, capsys):
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=message):
-            genome.load_factors(tmp_path / name, D_HALF)
-    np.testing.assert_array_equal(genome.load_factors(tmp_path / "down.csv", D_HALF, monotone=False)[:3], [1, 2, 1.5])
+            read_factors(tmp_path / name, D_HALF)
+    np.testing.assert_array_equal(read_factors(tmp_path / "down.csv", D_HALF, monotone=False)[:3], [1, 2, 1.5])
     with pytest.raises(FileNotFoundError):
-        genome.load_factors(tmp_path / "missing.csv", D_HALF)
+        read_factors(tmp_path / "missing.csv", D_HALF)
 
     save_jax(cfg, params, tmp_path / "model")
     argv = ["search", "--model", f"jax:{tmp_path / 'model'}", "--out", str(tmp_path / "o"), "--data-dir", kjv_dir]

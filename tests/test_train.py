@@ -20,10 +20,11 @@ import pytest
 import torch
 import transformers
 
-from longrope_jax import config as config_lib
-from longrope_jax.convert import load_hf, save_jax
+from longrope_jax.io.hf import load_hf
+from longrope_jax.io.orbax_params import save_jax
 from longrope_jax.model import Llama, init_params
-from longrope_jax.train import TrainingStopped, parse_train_args, train
+from longrope_jax.train import config as config_lib
+from longrope_jax.train.trainer import TrainingStopped, parse_train_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.py"
@@ -209,13 +210,16 @@ def test_shipped_configs_resolve_and_fit_their_slice(name):
 def test_grad_accumulation_matches_one_big_batch():
     import functools
 
-    from longrope_jax import data, optim
-    from longrope_jax.steps import TrainState, train_step
+    from longrope_jax.data.loader import make_loader
+    from longrope_jax.data.sources import open_source
+    from longrope_jax.data.tokenizer import build_tokenizer
+    from longrope_jax.train import optim
+    from longrope_jax.train.steps import TrainState, train_step
 
     c = config_lib.resolve(tiny())
     model_cfg = config_lib.model_config(c)
-    source = data.open_source("kjv", "train", data_dir=c.data.data_dir)
-    batch = next(data.make_loader(source, data.build_tokenizer("byte"), seq_len=64, batch_size=8, seed=0))
+    source = open_source("kjv", "train", data_dir=c.data.data_dir)
+    batch = next(make_loader(source, build_tokenizer("byte"), seq_len=64, batch_size=8, seed=0))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     tx, lr = optim.make_optimizer(c.optimizer, 10)
     params = init_params(model_cfg, jax.random.key(0))
@@ -233,7 +237,7 @@ def test_grad_accumulation_matches_one_big_batch():
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
-    from longrope_jax import optim
+    from longrope_jax.train import optim
 
     opt = config_lib.default_config().optimizer
     opt.update(lr=1.0, warmup_steps=10, schedule="cosine", end_lr_ratio=0.1)

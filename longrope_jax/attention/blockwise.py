@@ -1,0 +1,162 @@
+"""Blockwise attention: online softmax over query and key chunks (`lax.scan`) with a flash-style
+custom VJP, so forward and backward memory are O(L * chunk). Chunk pairs whose mask is empty are
+skipped. The block kernels here are also what the ring folds in at every step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from longrope_jax.attention.dense import attention_mask, group_heads
+
+NEG = -1e30  # online-softmax running max before any key is seen
+
+
+def chunk_size(length: int, chunk: int) -> int:
+    if length <= chunk:
+        return length
+    if length % chunk:
+        raise ValueError(f"attention_chunk: length {length} is not a multiple of the chunk size {chunk}")
+    return chunk
+
+
+def _chunks(x, c: int, axis: int = 1):
+    """Split `axis` into [n, c] and move n to the front (the scan axis)."""
+    shape = x.shape
+    x = x.reshape(shape[:axis] + (shape[axis] // c, c) + shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _unchunk(x, axis: int = 1):
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _scores(q_c, k_c, scale):
+    return jnp.einsum("bqkgd,bskd->bkgqs", q_c, k_c, preferred_element_type=jnp.float32) * scale
+
+
+def fwd_block(q, k, v, qpos, kpos, qseg, kseg, acc, *, chunk, window):
+    """Fold one K/V block into the running (o, m, l) of every query; O(chunk^2) scores at a time.
+
+    q [B,Q,K,G,D]; k, v [B,S,K,D]; acc = (o [B,Q,K,G,D] f32, m [B,K,G,Q] f32, l [B,K,G,Q] f32).
+    """
+    cq, ck = chunk_size(q.shape[1], chunk), chunk_size(k.shape[1], chunk)
+    scale = q.shape[-1] ** -0.5
+    o, m, l = acc
+    kv_xs = (_chunks(k, ck), _chunks(v, ck), _chunks(kpos, ck), _chunks(kseg, ck))
+
+    def q_step(_, xs):
+        q_c, qpos_c, qseg_c, o_c, m_c, l_c = xs
+
+        def k_step(carry, ys):
+            k_c, v_c, kpos_c, kseg_c = ys
+            mask = attention_mask(qpos_c, kpos_c, qseg_c, kseg_c, window)[:, None, None]
+
+            def compute(carry):
+                o_c, m_c, l_c = carry
+                s = jnp.where(mask, _scores(q_c, k_c, scale), NEG)
+                m_new = jnp.maximum(m_c, s.max(-1))
+                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                corr = jnp.exp(m_c - m_new)
+                l_c = l_c * corr + p.sum(-1)
+                pv = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
+                o_c = o_c * jnp.moveaxis(corr, -1, 1)[..., None] + pv
+                return o_c, m_new, l_c
+
+            return lax.cond(mask.any(), compute, lambda c: c, carry), None
+
+        out, _ = lax.scan(k_step, (o_c, m_c, l_c), kv_xs)
+        return None, out
+
+    q_xs = (_chunks(q, cq), _chunks(qpos, cq), _chunks(qseg, cq), _chunks(o, cq), _chunks(m, cq, 3), _chunks(l, cq, 3))
+    _, (o, m, l) = lax.scan(q_step, None, q_xs)
+    return _unchunk(o), _unchunk(m, 3), _unchunk(l, 3)
+
+
+def bwd_block(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, chunk, window):
+    """Gradients from one K/V block: (dq [B,Q,K,G,D], dk [B,S,K,D], dv [B,S,K,D]), all f32."""
+    cq, ck = chunk_size(q.shape[1], chunk), chunk_size(k.shape[1], chunk)
+    scale = q.shape[-1] ** -0.5
+    q_xs = (_chunks(q, cq), _chunks(do, cq), _chunks(lse, cq, 3), _chunks(delta, cq, 3),
+            _chunks(qpos, cq), _chunks(qseg, cq))
+
+    def k_step(dq, ys):
+        k_c, v_c, kpos_c, kseg_c = ys
+
+        def q_step(carry, xs):
+            q_c, do_c, lse_c, delta_c, qpos_c, qseg_c = xs
+            mask = attention_mask(qpos_c, kpos_c, qseg_c, kseg_c, window)[:, None, None]
+
+            def compute(carry):
+                dk_c, dv_c = carry
+                s = _scores(q_c, k_c, scale)
+                p = jnp.where(mask, jnp.exp(s - lse_c[..., None]), 0.0)
+                dv_c = dv_c + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do_c.dtype), do_c, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_c, v_c, preferred_element_type=jnp.float32)
+                ds = p * (dp - delta_c[..., None]) * scale
+                dq_c = jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k_c.dtype), k_c, preferred_element_type=jnp.float32)
+                dk_c = dk_c + jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q_c.dtype), q_c, preferred_element_type=jnp.float32)
+                return (dk_c, dv_c), dq_c
+
+            def skip(carry):
+                return carry, jnp.zeros(q_c.shape, jnp.float32)
+
+            return lax.cond(mask.any(), compute, skip, carry)
+
+        zeros = jnp.zeros(k_c.shape, jnp.float32)
+        (dk_c, dv_c), dq_parts = lax.scan(q_step, (zeros, zeros), q_xs)
+        return dq + _unchunk(dq_parts), (dk_c, dv_c)
+
+    kv_xs = (_chunks(k, ck), _chunks(v, ck), _chunks(kpos, ck), _chunks(kseg, ck))
+    dq, (dk, dv) = lax.scan(k_step, jnp.zeros(q.shape, jnp.float32), kv_xs)
+    return dq, _unchunk(dk), _unchunk(dv)
+
+
+def init_acc(q):
+    b, q_len, kv, g, _ = q.shape
+    return jnp.zeros(q.shape, jnp.float32), jnp.full((b, kv, g, q_len), NEG, jnp.float32), jnp.zeros((b, kv, g, q_len), jnp.float32)
+
+
+def finish(acc, dtype):
+    o, m, l = acc
+    l_safe = jnp.where(l == 0, 1.0, l)
+    out = o / jnp.moveaxis(l_safe, -1, 1)[..., None]
+    return out.astype(dtype), m + jnp.log(l_safe)
+
+
+def softmax_delta(o, do):
+    """rowsum(dO * O) per query and head: the softmax-backward correction, [B,K,G,Q]."""
+    return jnp.moveaxis(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1), 1, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _blockwise(q, k, v, qpos, kpos, qseg, kseg, chunk, window):
+    return _blockwise_fwd(q, k, v, qpos, kpos, qseg, kseg, chunk, window)[0]
+
+
+def _blockwise_fwd(q, k, v, qpos, kpos, qseg, kseg, chunk, window):
+    acc = fwd_block(q, k, v, qpos, kpos, qseg, kseg, init_acc(q), chunk=chunk, window=window)
+    o, lse = finish(acc, q.dtype)
+    return o, (q, k, v, qpos, kpos, qseg, kseg, o, lse)
+
+
+def _blockwise_bwd(chunk, window, res, do):
+    q, k, v, qpos, kpos, qseg, kseg, o, lse = res
+    dq, dk, dv = bwd_block(q, k, v, do, lse, softmax_delta(o, do), qpos, kpos, qseg, kseg, chunk=chunk, window=window)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, q_pos, k_pos, q_seg, k_seg, *, chunk=512, sliding_window=None):
+    """Memory-efficient attention, equal to `dense_attention` with the same mask."""
+    b, q_len, h, d = q_BxQxHxD.shape
+    q = group_heads(q_BxQxHxD, k_BxSxKxD.shape[2])
+    o = _blockwise(q, k_BxSxKxD, v_BxSxKxD, q_pos, k_pos, q_seg, k_seg, chunk, sliding_window)
+    return o.reshape(b, q_len, h, d)

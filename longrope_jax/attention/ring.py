@@ -1,0 +1,111 @@
+"""Ring attention (sequence parallel): `shard_map` over the mesh axis that `length` maps to.
+
+Each device keeps its query chunk; K/V chunks (unrepeated GQA heads, with their positions and
+segment ids) travel the ring with `lax.ppermute` and are folded in with the blockwise kernel. The
+backward pass runs a second ring in which dK/dV travel with their K/V and arrive home after a full turn.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from longrope_jax.attention.blockwise import bwd_block, finish, fwd_block, init_acc, softmax_delta
+from longrope_jax.attention.dense import group_heads
+
+
+def _ring_perm(n: int):
+    return [(i, (i + 1) % n) for i in range(n)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _ring(q, k, v, qpos, kpos, qseg, kseg, axis, n, chunk, window):
+    return _ring_fwd(q, k, v, qpos, kpos, qseg, kseg, axis, n, chunk, window)[0]
+
+
+def _ring_fwd(q, k, v, qpos, kpos, qseg, kseg, axis, n, chunk, window):
+    perm = _ring_perm(n)
+
+    def step(carry, _):
+        acc, kv = carry
+        nxt = lax.ppermute(kv, axis, perm)  # issued before the math so the transfer can overlap it
+        acc = fwd_block(q, *kv[:2], qpos, kv[2], qseg, kv[3], acc, chunk=chunk, window=window)
+        return (acc, nxt), None
+
+    (acc, kv), _ = lax.scan(step, (init_acc(q), (k, v, kpos, kseg)), None, length=n - 1)
+    acc = fwd_block(q, *kv[:2], qpos, kv[2], qseg, kv[3], acc, chunk=chunk, window=window)
+    o, lse = finish(acc, q.dtype)
+    return o, (q, k, v, qpos, kpos, qseg, kseg, o, lse)
+
+
+def _ring_bwd(axis, n, chunk, window, res, do):
+    q, k, v, qpos, kpos, qseg, kseg, o, lse = res
+    delta, perm = softmax_delta(o, do), _ring_perm(n)
+
+    def step(carry, _):
+        dq, kv, dkv = carry
+        kv_next = lax.ppermute(kv, axis, perm)
+        dq_b, dk_b, dv_b = bwd_block(q, kv[0], kv[1], do, lse, delta, qpos, kv[2], qseg, kv[3], chunk=chunk, window=window)
+        # dK/dV ride with their block; after n hops they are back on the device that owns it.
+        dkv = lax.ppermute((dkv[0] + dk_b, dkv[1] + dv_b), axis, perm)
+        return (dq + dq_b, kv_next, dkv), None
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    init = (jnp.zeros(q.shape, jnp.float32), (k, v, kpos, kseg), (zeros, zeros))
+    (dq, _, (dk, dv)), _ = lax.scan(step, init, None, length=n)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _mesh_axes(names, rules):
+    spec = nn.logical_to_mesh_axes(names, rules)
+    return P(*spec) if spec is not None else P(*([None] * len(names)))
+
+
+def seq_shards(mesh, rules) -> int:
+    """Size of the mesh axis that the logical `length` axis maps to (1 without a mesh)."""
+    axis = _mesh_axes(("length",), rules)[0]
+    if mesh is None or not isinstance(axis, str) or axis not in mesh.shape:
+        return 1
+    return mesh.shape[axis]
+
+
+def ring_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, positions_BxL, segment_ids_BxL, *, mesh, rules,
+                   chunk=512, sliding_window=None):
+    """Causal ring attention over the mesh axis that the logical `length` axis maps to.
+
+    Inputs are global arrays (sharded or not); `shard_map` hands each device its slice.
+    """
+    spec_q = _mesh_axes(("batch", "length", "heads", "head_dim"), rules)
+    spec_kv = _mesh_axes(("batch", "length", "kv_heads", "head_dim"), rules)
+    spec_bl = _mesh_axes(("batch", "length"), rules)
+    axis = spec_q[1]
+    if mesh is None or not isinstance(axis, str) or axis not in mesh.shape:
+        raise ValueError(
+            "attention='ring' needs a mesh and logical rules that map 'length' to one mesh axis "
+            f"(e.g. ('length', 'seq')); got mesh axes {None if mesh is None else dict(mesh.shape)} and "
+            f"'length' -> {axis!r}"
+        )
+    n = mesh.shape[axis]
+    kv = k_BxSxKxD.shape[2]
+
+    def local(q, k, v, pos, seg):
+        qg = group_heads(q, k.shape[2])
+        o = _ring(qg, k, v, pos, pos, seg, seg, axis, n, chunk, sliding_window)
+        return o.reshape(q.shape)
+
+    heads_axis = spec_kv[2]
+    if isinstance(heads_axis, str) and kv % mesh.shape[heads_axis]:
+        raise ValueError(
+            f"attention='ring': {kv} kv heads do not split over mesh axis {heads_axis!r} of size {mesh.shape[heads_axis]}"
+        )
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(spec_q, spec_kv, spec_kv, spec_bl, spec_bl), out_specs=spec_q, check_vma=False,
+    )(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, positions_BxL, segment_ids_BxL)

@@ -1,0 +1,1 @@
+"""Data: corpus sources, the KJV builder, tokenizers, packing, passkey documents, grain loaders."""

@@ -1,0 +1,1 @@
+"""`longrope-jax demo`: the end-to-end context-extension study (plan, stages, report, export)."""

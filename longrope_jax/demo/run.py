@@ -1,0 +1,53 @@
+"""`longrope-jax demo`: the end-to-end context-extension study on the bundled KJV corpus.
+
+Stages (each writes its outputs under WORKDIR and is skipped when re-run once finished):
+
+  prepare      the KJV TFDS corpus (array_record), validation books held out
+  pretrain     tiny_cpu byte-level LLaMA at L=256, with a few passkey-format documents in the mix
+  search_4x    LongRoPE evolutionary search of λ at 4L, on training books (validation stays held out)
+  search_8x    the same at 8L
+  eval_base    perplexity at L..8L for no scaling, PI, NTK, YaRN (4x and 8x), dynamic NTK and LongRoPE,
+               all without fine-tuning; passkey accuracy of the base model
+  finetune_*   a short fine-tune at 4L with PI, YaRN and the searched LongRoPE factors
+  eval_tuned   perplexity and passkey (length x depth) of the fine-tuned models
+  export       the LongRoPE model as a HF directory; its logits checked in `transformers` when installed
+  report       WORKDIR/report.md with tables, plots, stage times and the findings checked against the papers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from longrope_jax.demo.plan import Plan
+from longrope_jax.io.files import write_atomic
+from longrope_jax.stages import Stages, clock
+
+
+def run_demo(workdir, *, quick: bool = False, out=None) -> dict:
+    from longrope_jax.demo import stages as demo_stages
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    plan = Plan.quick() if quick else Plan.full()
+    saved = workdir / "plan.json"
+    plan_json = json.dumps(dataclasses.asdict(plan), indent=1, sort_keys=True)
+    if saved.exists() and saved.read_text() != plan_json:
+        raise ValueError(f"demo workdir {workdir} holds a study made with another plan (plan.json differs); "
+                         f"use another --workdir or delete it")
+    write_atomic(saved, plan_json)
+    study = demo_stages.Study(workdir, plan)
+    times = Stages(workdir, plan.expected_s, out, name="demo").run(study.stages())
+    total = sum(v["seconds"] for v in times.values())
+    print(f"demo: finished in {clock(total)} of stage time; report: {workdir / 'report.md'}", file=out or sys.stderr,
+          flush=True)
+    return times
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="end-to-end context-extension study on the bundled corpus (resumable)")
+    p.add_argument("--workdir", default="runs/demo", help="output directory (re-run to resume; default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a ~3-minute smoke run of every stage, at toy sizes")
+    p.set_defaults(func=lambda args: (run_demo(args.workdir, quick=args.quick), 0)[1])

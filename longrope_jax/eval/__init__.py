@@ -1,0 +1,1 @@
+"""Evaluation: method specs, sliding-window perplexity, passkey retrieval, reports."""

@@ -1,0 +1,78 @@
+"""`longrope-jax convert`: checkpoints between Hugging Face directories and our Orbax format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from longrope_jax.io.files import check_destination
+from longrope_jax.io.hf import DEFAULT_MAX_SHARD_SIZE, common_dtype, load_hf, parse_size, save_hf, tokenizer_files
+from longrope_jax.io.orbax_params import load_jax, save_jax
+from longrope_jax.io.param_map import ConversionError, flatten_params
+from longrope_jax.model import DTYPES
+
+
+def register_cli(subparsers) -> None:
+    conv = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face and JAX")
+    sub = conv.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    h2j = sub.add_parser("hf-to-jax", help="HF safetensors directory -> Orbax params + llama_config.json")
+    h2j.add_argument("src", metavar="SRC")
+    h2j.add_argument("dst", metavar="DST")
+    h2j.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (default float32)")
+    h2j.add_argument("--scan-layers", action="store_true", help="stack layers for nn.scan")
+    h2j.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    h2j.set_defaults(func=_hf_to_jax_cli)
+    j2h = sub.add_parser("jax-to-hf", help="Orbax params + llama_config.json -> HF safetensors directory")
+    j2h.add_argument("src", metavar="SRC")
+    j2h.add_argument("dst", metavar="DST")
+    j2h.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default: the params' dtype)")
+    j2h.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB, 2GiB")
+    j2h.add_argument("--tokenizer", metavar="DIR", default=None, help="copy tokenizer files from DIR")
+    j2h.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    j2h.set_defaults(func=_jax_to_hf_cli)
+
+
+def _check_paths(src, dst, overwrite: bool) -> None:
+    # Fail before the (possibly long) load, and never swap SRC away while reading it.
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ConversionError(f"DST {dst}: is SRC; expected a different directory")
+    check_destination(Path(dst), overwrite)
+
+
+def param_count(params) -> int:
+    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+
+
+def hf_to_jax(src, dst, dtype="float32", scan_layers: bool = False, overwrite: bool = False):
+    """`load_hf` then `save_jax`; returns (config, params)."""
+    _check_paths(src, dst, overwrite)
+    config, params = load_hf(src, dtype=dtype, scan_layers=scan_layers)
+    save_jax(config, params, dst, overwrite=overwrite)
+    return config, params
+
+
+def jax_to_hf(src, dst, dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, tokenizer_source=None, overwrite=False):
+    """`load_jax` then `save_hf`; returns (config, params)."""
+    _check_paths(src, dst, overwrite)
+    parse_size(max_shard_size)
+    if tokenizer_source is not None:
+        tokenizer_files(Path(tokenizer_source))
+    config, params = load_jax(src)
+    save_hf(config, params, dst, dtype=dtype, max_shard_size=max_shard_size,
+            tokenizer_source=tokenizer_source, overwrite=overwrite)
+    return config, params
+
+
+def _hf_to_jax_cli(args) -> int:
+    config, params = hf_to_jax(args.src, args.dst, args.dtype, args.scan_layers, args.overwrite)
+    print(f"wrote {param_count(params):,} parameters ({args.dtype}, scan_layers={config.scan_layers}) to {args.dst}")
+    return 0
+
+
+def _jax_to_hf_cli(args) -> int:
+    config, params = jax_to_hf(args.src, args.dst, args.dtype, args.max_shard_size, args.tokenizer, args.overwrite)
+    written = args.dtype or common_dtype(flatten_params(params)).name
+    print(f"wrote {param_count(params):,} parameters ({written}, {config.model_type}) to {args.dst}")
+    return 0

@@ -1,0 +1,68 @@
+"""The one next-token NLL: targets within a document, the scored-token mask, the zig-zag order of the
+ring layout, and a perplexity that cannot overflow. Training, evaluation and the search all use it.
+
+A batch is `{"tokens", "positions", "segment_ids"}` int32 [B, L]. Token t predicts token t+1 only
+where both have the same nonzero segment id: padding (segment 0) and a document's last token predict
+nothing, and one document's EOS never predicts the next document's BOS.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longrope_jax import attention as attn_lib
+from longrope_jax.model import Llama, rules_of
+
+
+def next_token_targets(tokens_BxL, segment_ids_BxL):
+    """(targets int [B, L], mask bool [B, L]): the next token of the same document, and where one exists."""
+    targets_BxL = jnp.concatenate([tokens_BxL[:, 1:], jnp.zeros_like(tokens_BxL[:, :1])], axis=1)
+    next_seg_BxL = jnp.concatenate([segment_ids_BxL[:, 1:], jnp.zeros_like(segment_ids_BxL[:, :1])], axis=1)
+    return targets_BxL, (next_seg_BxL == segment_ids_BxL) & (segment_ids_BxL != 0)
+
+
+def token_nll(logits_BxLxV, targets_BxL):
+    """NLL per position as logsumexp - target logit (fp32 softmax); no [B, L, V] log-softmax is kept."""
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    picked_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_BxLxV, axis=-1) - picked_BxL
+
+
+def zigzag_shards(model: Llama) -> int:
+    """Ring devices the model's zig-zag layout balances over (1: the batch keeps its order)."""
+    cfg = model.config
+    if cfg.attention != "ring" or not cfg.ring_zigzag or model.mesh is None:
+        return 1
+    return attn_lib.seq_shards(model.mesh, rules_of(model))
+
+
+def masked_nll(model: Llama, params, batch, targets_BxL, mask_BxL, *, rope_scaling=None):
+    """NLL [B, L] of `targets` where `mask` holds, 0 elsewhere, in an order the caller must not rely on.
+
+    With the zig-zag ring layout the whole batch (targets and mask included) is reordered once here and
+    the model is told so (`balanced=True`): the logits never move back, and sums over L are unchanged.
+    """
+    tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
+    shards = zigzag_shards(model)
+    if shards > 1:
+        tokens, positions, segments, targets_BxL, mask_BxL = (
+            attn_lib.zigzag(x, shards) for x in (tokens, positions, segments, targets_BxL, mask_BxL))
+    logits_BxLxV = model.apply({"params": params}, tokens, positions=positions, segment_ids=segments,
+                               rope_scaling=rope_scaling, balanced=shards > 1)
+    return jnp.where(mask_BxL, token_nll(logits_BxLxV, targets_BxL), 0.0)
+
+
+def sum_nll(model: Llama, params, batch, *, rope_scaling=None):
+    """(summed next-token NLL, number of scored tokens) of a packed batch: the training objective."""
+    targets_BxL, mask_BxL = next_token_targets(batch["tokens"], batch["segment_ids"])
+    nll_BxL = masked_nll(model, params, batch, targets_BxL, mask_BxL, rope_scaling=rope_scaling)
+    return jnp.sum(nll_BxL), jnp.sum(mask_BxL)
+
+
+def perplexity(mean_nll):
+    """exp(mean NLL); inf where that overflows, so a diverged model reads inf instead of raising."""
+    with np.errstate(over="ignore"):
+        out = np.exp(np.asarray(mean_nll, np.float64))
+    return float(out) if out.ndim == 0 else out

@@ -1,0 +1,1 @@
+"""LongRoPE search: the search space, evolution, perplexity fitness, and the CLI."""

@@ -1,0 +1,1 @@
+"""Mesh, logical-axis rules, sharded init, multi-host start and global batches."""

@@ -1,0 +1,1 @@
+"""Training: config, optimizer, train/eval steps, the trainer loop, checkpoints, metrics."""
