@@ -8,7 +8,8 @@ from longrope_jax.train.config import long_context_finetune
 
 
 def get_config():
-    c = long_context_finetune(init_from="hf:checkpoints/Llama-2-7b-hf", seq_len=131072, steps=400, lr=2e-5,
+    c = long_context_finetune(arch="llama2-7b", init_from="hf:checkpoints/Llama-2-7b-hf",
+                              seq_len=131072, steps=400, lr=2e-5,
                               batch_size=32, mesh=dict(data=1, fsdp=4, seq=32, tensor=1))
     c.optimizer.update(schedule="linear", end_lr_ratio=0.0)
     c.rope.update(type="longrope", original_max_position_embeddings=4096,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from longrope_jax import __version__
@@ -10,6 +11,7 @@ from longrope_jax import __version__
 
 def _registrars():
     from longrope_jax import extend
+    from longrope_jax.aot import cli as compile_cli
     from longrope_jax.data import cli as data
     from longrope_jax.demo import run as demo
     from longrope_jax.eval import evaluate
@@ -19,7 +21,7 @@ def _registrars():
 
     return {"convert": convert.register_cli, "data": data.register_cli, "train": train.register_cli,
             "search": search.register_cli, "eval": evaluate.register_cli, "extend": extend.register_cli,
-            "demo": demo.register_cli}
+            "demo": demo.register_cli, "compile": compile_cli.register_cli}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["compile"]:  # compiles for TPU with libtpu's compiler; nothing runs on a device
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    parser = build_parser()
     args, extra = parser.parse_known_args(raw)
     if getattr(args, "passthrough", False):  # own flag syntax (train: config_flags): everything after it
         args.argv = raw[raw.index(args.command) + 1:]

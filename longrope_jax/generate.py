@@ -115,13 +115,13 @@ def _decode(config, params, state, tok_B, scaling):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "scaling"))
-def _prefill_jit(config, params, prompts_BxT, max_len, scaling):
+def prefill_jit(config, params, prompts_BxT, max_len, scaling):
     return _prefill(config, params, prompts_BxT, max_len, scaling)
 
 
 # The old state is donated: the cache is updated in place rather than copied at every token.
 @functools.partial(jax.jit, static_argnames=("config", "scaling"), donate_argnames=("state",))
-def _decode_jit(config, params, state, tok_B, scaling):
+def decode_jit(config, params, state, tok_B, scaling):
     return _decode(config, params, state, tok_B, scaling)
 
 
@@ -133,7 +133,7 @@ def prefill(config: LlamaConfig, params, prompts_BxT, max_len: int, *, rope_scal
     p = check_prompts(config, prompts_BxT)
     if _check_int("max_len", max_len, 1) < p.shape[1]:
         raise ValueError(f"max_len: expected at least the prompt length {p.shape[1]}, got {max_len}")
-    return _prefill_jit(config, params, jnp.asarray(p), int(max_len), _scaling(config, rope_scaling))
+    return prefill_jit(config, params, jnp.asarray(p), int(max_len), _scaling(config, rope_scaling))
 
 
 def decode_step(config: LlamaConfig, params, state: dict, tokens_B, *, rope_scaling: RopeScaling | None = None):
@@ -143,7 +143,7 @@ def decode_step(config: LlamaConfig, params, state: dict, tokens_B, *, rope_scal
     donated (do not reuse it); feed no more tokens than the cache has slots.
     """
     tok_B = jnp.asarray(tokens_B, jnp.int32).reshape(-1)
-    return _decode_jit(config, params, state, tok_B, _scaling(config, rope_scaling))
+    return decode_jit(config, params, state, tok_B, _scaling(config, rope_scaling))
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, r
     out_BxN = np.full((b, max_new_tokens), 0 if eos_id is None else eos_id, np.int32)
     done_B = np.zeros((b,), bool)
     # A jitted step called from Python: compiled once, shared with prefill/decode_step.
-    logits_BxV, state = _prefill_jit(config, params, jnp.asarray(p), t + max_new_tokens - 1, scaling)
+    logits_BxV, state = prefill_jit(config, params, jnp.asarray(p), t + max_new_tokens - 1, scaling)
     for i in range(max_new_tokens):
         tok_B = np.asarray(pick(logits_BxV, jax.random.fold_in(rng, i)))
         out_BxN[:, i] = np.where(done_B, out_BxN[:, i], tok_B)
@@ -223,7 +223,7 @@ def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, r
             if done_B.all():
                 break
         if i + 1 < max_new_tokens:
-            logits_BxV, state = _decode_jit(config, params, state, jnp.asarray(out_BxN[:, i]), scaling)
+            logits_BxV, state = decode_jit(config, params, state, jnp.asarray(out_BxN[:, i]), scaling)
     return out_BxN
 
 

@@ -1,5 +1,10 @@
 """The one next-token NLL: targets within a document, the scored-token mask, the zig-zag order of the
-ring layout, and a perplexity that cannot overflow. Training, evaluation and the search all use it.
+ring layout, a chunked LM head, and a perplexity that cannot overflow. Training, evaluation and the
+search all use it.
+
+No [B, L, V] logits exist here: the model returns its final hidden states and the head runs over
+chunks of `LlamaConfig.loss_chunk` tokens per sequence shard inside a rematerialised scan, so the
+forward and the backward hold one chunk's [B, chunk, V] logits at a time and keep only [B, L] NLLs.
 
 A batch is `{"tokens", "positions", "segment_ids"}` int32 [B, L]. Token t predicts token t+1 only
 where both have the same nonzero segment id: padding (segment 0) and a document's last token predict
@@ -11,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from longrope_jax import attention as attn_lib
 from longrope_jax.model import Llama, rules_of
@@ -38,20 +44,57 @@ def zigzag_shards(model: Llama) -> int:
     return attn_lib.seq_shards(model.mesh, rules_of(model))
 
 
+def length_shards(model: Llama) -> int:
+    """Devices the model's sequence axis is split over (1 without a mesh)."""
+    return 1 if model.mesh is None else attn_lib.seq_shards(model.mesh, rules_of(model))
+
+
+def head_matrix(config, params):
+    """The LM head as [E, V] in the compute dtype: the tied embedding table, or lm_head's kernel."""
+    w_ExV = params["embed_tokens"]["embedding"].T if config.tie_word_embeddings else params["lm_head"]["kernel"]
+    return w_ExV.astype(config.jnp_dtype)
+
+
+def _head_nll(hidden_xE, head_ExV, targets_x):
+    logits_xV = jnp.einsum("...e,ev->...v", hidden_xE, head_ExV, preferred_element_type=jnp.float32)
+    return token_nll(logits_xV, targets_x)
+
+
+def chunked_token_nll(hidden_BxLxE, head_ExV, targets_BxL, *, chunk: int, shards: int = 1):
+    """NLL [B, L] of `targets` under logits = hidden @ head, `chunk` tokens of every sequence shard at a time.
+
+    The length splits as (shards, chunks, chunk), so each scan step takes one chunk from every shard and
+    no device holds more than [B, chunk, V] logits (recomputed in the backward, not stored)."""
+    b, length, e = hidden_BxLxE.shape
+    local = length // shards
+    if local <= chunk:
+        return _head_nll(hidden_BxLxE, head_ExV, targets_BxL)
+    if length % shards or local % chunk:
+        raise ValueError(f"loss_chunk {chunk}: does not divide the per-shard length {length} / {shards} shards")
+    n = local // chunk
+    hidden_NxBxSxCxE = jnp.moveaxis(hidden_BxLxE.reshape(b, shards, n, chunk, e), 2, 0)
+    targets_NxBxSxC = jnp.moveaxis(targets_BxL.reshape(b, shards, n, chunk), 2, 0)
+    step = jax.checkpoint(lambda h, t: _head_nll(h, head_ExV, t), policy=jax.checkpoint_policies.nothing_saveable)
+    _, nll_NxBxSxC = lax.scan(lambda _, xs: (None, step(*xs)), None, (hidden_NxBxSxCxE, targets_NxBxSxC))
+    return jnp.moveaxis(nll_NxBxSxC, 0, 2).reshape(b, length)
+
+
 def masked_nll(model: Llama, params, batch, targets_BxL, mask_BxL, *, rope_scaling=None):
     """NLL [B, L] of `targets` where `mask` holds, 0 elsewhere, in an order the caller must not rely on.
 
     With the zig-zag ring layout the whole batch (targets and mask included) is reordered once here and
-    the model is told so (`balanced=True`): the logits never move back, and sums over L are unchanged.
+    the model is told so (`balanced=True`): nothing moves back, and sums over L are unchanged.
     """
     tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
     shards = zigzag_shards(model)
     if shards > 1:
         tokens, positions, segments, targets_BxL, mask_BxL = (
             attn_lib.zigzag(x, shards) for x in (tokens, positions, segments, targets_BxL, mask_BxL))
-    logits_BxLxV = model.apply({"params": params}, tokens, positions=positions, segment_ids=segments,
-                               rope_scaling=rope_scaling, balanced=shards > 1)
-    return jnp.where(mask_BxL, token_nll(logits_BxLxV, targets_BxL), 0.0)
+    hidden_BxLxE = model.apply({"params": params}, tokens, positions=positions, segment_ids=segments,
+                               rope_scaling=rope_scaling, balanced=shards > 1, hidden=True)
+    nll_BxL = chunked_token_nll(hidden_BxLxE, head_matrix(model.config, params), targets_BxL,
+                                chunk=model.config.loss_chunk, shards=length_shards(model))
+    return jnp.where(mask_BxL, nll_BxL, 0.0)
 
 
 def sum_nll(model: Llama, params, batch, *, rope_scaling=None):

@@ -62,6 +62,7 @@ class LlamaConfig:
     attention: str = "dense"  # dense | blockwise | ring | splash (TPU)
     attention_chunk: int = 512  # query/key chunk of blockwise and ring attention
     ring_zigzag: bool = True  # load-balanced causal layout for ring attention
+    loss_chunk: int = 1024  # tokens per sequence shard whose logits the loss holds at once (see loss.py)
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -94,6 +95,8 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.attention: expected one of {attn_lib.ATTENTION_IMPLS}, got {self.attention!r}")
         if isinstance(self.attention_chunk, bool) or not isinstance(self.attention_chunk, int) or self.attention_chunk < 1:
             raise ValueError(f"LlamaConfig.attention_chunk: expected a positive integer, got {self.attention_chunk!r}")
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 1:
+            raise ValueError(f"LlamaConfig.loss_chunk: expected a positive integer, got {self.loss_chunk!r}")
         if self.attention == "splash" and self.sliding_window is not None:
             raise ValueError("LlamaConfig.sliding_window: not supported with attention='splash'; use blockwise or ring")
         if self.rope_theta <= 0:
@@ -133,7 +136,7 @@ class LlamaConfig:
             else:
                 rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
         hf_only = ("rope_scaling", "rope_theta", "model_type", "dtype", "param_dtype", "scan_layers", "remat_policy",
-                   "attention", "attention_chunk", "ring_zigzag")
+                   "attention", "attention_chunk", "ring_zigzag", "loss_chunk")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name not in hf_only}
         kw.update(
             model_type=model_type, rope_theta=float(theta), rope_scaling=RopeScaling.from_hf(rope or None),
@@ -269,7 +272,7 @@ class Attention(nn.Module):
                 q, k, v, positions, segment_ids, mesh=self.mesh, rules=rules_of(self),
                 chunk=cfg.attention_chunk, sliding_window=cfg.sliding_window,
             )
-        return attn_lib.splash_attention(q, k, v, segment_ids)
+        return attn_lib.splash_attention(q, k, v, segment_ids, mesh=self.mesh, rules=rules_of(self))
 
 
 class MLP(nn.Module):
@@ -352,7 +355,7 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL, positions=None, segment_ids=None, rope_scaling: RopeScaling | None = None,
-                 balanced: bool = False, cache: dict | None = None, logits_at=None):
+                 balanced: bool = False, cache: dict | None = None, logits_at=None, hidden: bool = False):
         """`balanced=True` says the inputs already are in the ring's zig-zag order (the data layer
         reordered them, positions included); logits then come back in that order too. Otherwise,
         with ring attention and `ring_zigzag`, the model reorders on entry and restores on exit.
@@ -360,7 +363,8 @@ class Llama(nn.Module):
         With a `cache`, `positions` default to `cache["index"] + arange(L)` and `segment_ids` must be
         >= 1 (0 marks empty cache slots); the attention kernel is always dense over the cache.
         `logits_at` (cached calls only; an index into L, may be traced) returns the logits of that one
-        token, [B, 1, V], rather than [B, L, V] (a prefill needs only the last)."""
+        token, [B, 1, V], rather than [B, L, V] (a prefill needs only the last). `hidden=True` returns the
+        final-norm hidden states [B, L, E] instead of logits: `loss.py` applies the head chunk by chunk."""
         cfg = self.config
         b, length = tokens_BxL.shape
         if logits_at is not None and cache is None:
@@ -410,6 +414,8 @@ class Llama(nn.Module):
         if logits_at is not None:
             x_BxLxE = jax.lax.dynamic_slice_in_dim(x_BxLxE, logits_at, 1, axis=1)
         x_BxLxE = RMSNorm(cfg, name="norm")(x_BxLxE)
+        if hidden and cache is None:  # (init never asks for it, so the head's parameters exist)
+            return attn_lib.unzigzag(x_BxLxE, shards) if reorder else x_BxLxE
         if cfg.tie_word_embeddings:
             logits_BxLxV = embed.attend(x_BxLxE)
         else:

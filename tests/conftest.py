@@ -1,4 +1,4 @@
-"""Force 8 CPU devices before jax is imported anywhere in the test session."""
+"""Force 8 CPU devices before jax is imported anywhere in the test session; fixtures every directory shares."""
 
 import os
 
@@ -11,11 +11,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402  (after the flags: nothing may import jax first)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def kjv_dir(tmp_path_factory) -> str:
-    """The KJV corpus prepared once per module (or the directory LONGROPE_TEST_DATA_DIR names)."""
-    from longrope_jax.data import sources as data
+    """The bundled KJV corpus prepared once per session (per xdist worker), or in the directory
+    LONGROPE_TEST_DATA_DIR names. A str: it goes into argv lists and config files as it is.
+
+    Prepared here, in the test process, before any subprocess reads it: two processes preparing
+    into one directory at the same time would race."""
+    from longrope_jax.data import sources
 
     d = os.environ.get("LONGROPE_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
-    data.prepare("kjv", d)
+    sources.prepare("kjv", d)
     return d

@@ -1,6 +1,6 @@
 """One process of the multi-host test: sharded init, per-process data loading, forward + backward.
 
-Run by tests/test_multihost.py as
+Run by tests/sharding/test_multihost.py as
     python tests/multihost_worker.py --coordinator 127.0.0.1:PORT --num-processes 2 --process-id I \
         --attention dense --out DIR
 with XLA_FLAGS=--xla_force_host_platform_device_count=4 and JAX_PLATFORMS=cpu. Every process runs

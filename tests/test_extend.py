@@ -11,8 +11,7 @@ import pytest
 from longrope_jax import cli, extend
 from longrope_jax.io.hf import load_hf, save_hf
 from longrope_jax.model import Llama, LlamaConfig, init_params
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.tiny import REPO
 
 
 def test_extend_runs_every_stage_resumes_and_exports_both_factor_sets(tmp_path, kjv_dir, capsys):

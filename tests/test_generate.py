@@ -44,7 +44,7 @@ CASES = {  # name: (HF rope dict, HF config extras, load_hf overrides, start_tok
 
 
 @functools.lru_cache(maxsize=None)
-def tiny(case: str, root: str):
+def tiny_hf_model(case: str, root: str):
     """(HF model, LlamaConfig, params, rope_scaling) of a tiny random model (weights ~N(0, 0.2), so
     logits are spread out and greedy choices are not near ties)."""
     rope, extra, overrides, start_tokens = CASES[case]
@@ -78,7 +78,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("hf"))
-    return lambda case: tiny(case, root)
+    return lambda case: tiny_hf_model(case, root)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "scaling"))

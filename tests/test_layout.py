@@ -12,12 +12,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "longrope_jax"
 
 # Lowest first. A module may import its own layer or a lower one, never a higher one.
 LAYERS = (
-    ("rope", "sharding.rules", "attention"),
+    ("rope", "platform", "sharding.rules", "attention"),
     ("model",),
     ("sharding", "io", "loss"),
     ("data",),
     ("train", "search", "eval", "generate"),
-    ("stages", "extend"),
+    ("stages", "extend", "aot"),
     ("demo", "cli", "__main__"),
 )
 

@@ -47,6 +47,12 @@ def fwd_block(q, k, v, qpos, kpos, qseg, kseg, acc, *, chunk, window):
     """
     cq, ck = chunk_size(q.shape[1], chunk), chunk_size(k.shape[1], chunk)
     scale = q.shape[-1] ** -0.5
+    # Tie the mask inputs to q. Differentiating an enclosing scan (nn.scan over layers) makes JAX hoist
+    # the loop-invariant part of its body, and the mask/where work below depends only on positions and
+    # segment ids: hoisted through these nested scans it is materialised for every chunk pair,
+    # [nq, nk, B, K, G, cq, ck] pred and f32 buffers, i.e. O(heads * L^2). The barrier makes it
+    # depend on q, so it stays inside the loops.
+    q, qpos, kpos, qseg, kseg = lax.optimization_barrier((q, qpos, kpos, qseg, kseg))
     o, m, l = acc
     kv_xs = (_chunks(k, ck), _chunks(v, ck), _chunks(kpos, ck), _chunks(kseg, ck))
 

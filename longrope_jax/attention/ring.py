@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from longrope_jax.attention.blockwise import bwd_block, finish, fwd_block, init_acc, softmax_delta
 from longrope_jax.attention.dense import group_heads
+from longrope_jax.sharding.rules import partition_spec
 
 
 def _ring_perm(n: int):
@@ -64,14 +63,9 @@ def _ring_bwd(axis, n, chunk, window, res, do):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def _mesh_axes(names, rules):
-    spec = nn.logical_to_mesh_axes(names, rules)
-    return P(*spec) if spec is not None else P(*([None] * len(names)))
-
-
 def seq_shards(mesh, rules) -> int:
     """Size of the mesh axis that the logical `length` axis maps to (1 without a mesh)."""
-    axis = _mesh_axes(("length",), rules)[0]
+    axis = partition_spec(("length",), rules)[0]
     if mesh is None or not isinstance(axis, str) or axis not in mesh.shape:
         return 1
     return mesh.shape[axis]
@@ -83,9 +77,9 @@ def ring_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, positions_BxL, segment_ids_B
 
     Inputs are global arrays (sharded or not); `shard_map` hands each device its slice.
     """
-    spec_q = _mesh_axes(("batch", "length", "heads", "head_dim"), rules)
-    spec_kv = _mesh_axes(("batch", "length", "kv_heads", "head_dim"), rules)
-    spec_bl = _mesh_axes(("batch", "length"), rules)
+    spec_q = partition_spec(("batch", "length", "heads", "head_dim"), rules)
+    spec_kv = partition_spec(("batch", "length", "kv_heads", "head_dim"), rules)
+    spec_bl = partition_spec(("batch", "length"), rules)
     axis = spec_q[1]
     if mesh is None or not isinstance(axis, str) or axis not in mesh.shape:
         raise ValueError(

@@ -109,16 +109,14 @@ class WindowScorer:
         chunk = config.attention_chunk if attention_chunk is None else attention_chunk
         self.config = dataclasses.replace(config, attention=attention, attention_chunk=chunk)
         self.model = Llama(self.config, mesh=mesh, rules=self.rules)
-        if mesh is None:
-            self.params, self.sharding = params, None
-            self.batch_multiple = 1
-        else:
+        self.sharding = None if mesh is None else batch_sharding(mesh, self.rules)
+        self.batch_multiple = 1 if mesh is None else self._axes_size(0)
+        if mesh is not None and params is not None:
             dense = dataclasses.replace(config, attention="dense")  # the parameters do not depend on the kernel
-            self.params = jax.device_put(params, param_shardings(dense, mesh, self.rules))
-            self.sharding = batch_sharding(mesh, self.rules)
-            self.batch_multiple = self._axes_size(0)
+            params = jax.device_put(params, param_shardings(dense, mesh, self.rules))
+        self.params = params  # None: only `jitted` is used (ahead-of-time compiles)
         self.traces = 0
-        self._fn = jax.jit(self._nll_sums, static_argnums=1)
+        self.jitted = jax.jit(self._nll_sums, static_argnums=1)  # (params, scaling, tokens, positions, ...)
 
     def _axes_size(self, dim: int) -> int:
         spec = tuple(self.sharding.spec) + (None, None)
@@ -151,7 +149,7 @@ class WindowScorer:
         arrays = [batch[k] for k in keys]
         if self.sharding is not None:
             arrays = [jax.device_put(a, self.sharding) for a in arrays]
-        return np.asarray(self._fn(self.params, scaling, *arrays), np.float64)
+        return np.asarray(self.jitted(self.params, scaling, *arrays), np.float64)
 
 
 def _batches(real_lengths: np.ndarray, batch_size: int, by_length: bool) -> list:

@@ -56,12 +56,6 @@ class PerplexityEvaluator:
                  candidates_per_call: int = 4, search_start_tokens: bool = False, start_tokens: int = 0):
         if isinstance(candidates_per_call, bool) or not isinstance(candidates_per_call, int) or candidates_per_call < 1:
             raise ValueError(f"candidates_per_call: expected a positive integer, got {candidates_per_call!r}")
-        windows = np.asarray(windows_NxL)
-        if windows.ndim != 2 or windows.shape[1] < 2:
-            raise ValueError(f"eval windows: expected int [docs, length >= 2], got shape {windows.shape}")
-        if windows.min() < 0 or windows.max() >= config.vocab_size:
-            raise ValueError(f"eval windows: token ids span {windows.min()}..{windows.max()}; expected ids below the "
-                             f"model's vocab_size {config.vocab_size} (wrong tokenizer?)")
         self.config = config
         self.d_half = config.rope_scaling.rotary_dim(config.head_dim) // 2
         self.candidates_per_call = candidates_per_call
@@ -72,13 +66,21 @@ class PerplexityEvaluator:
             start_tokens=0 if search_start_tokens else start_tokens,
             partial_rotary_factor=config.rope_scaling.partial_rotary_factor,
         )
+        self.traces = 0
+        self.jitted = jax.jit(self._nll_sums)  # (params, factors_CxD, start_tokens_C, windows_NxL) -> [N, C]
+        if windows_NxL is None:  # ahead-of-time compiles use `jitted` alone
+            self.windows = self.params = None
+            return
+        windows = np.asarray(windows_NxL)
+        if windows.ndim != 2 or windows.shape[1] < 2:
+            raise ValueError(f"eval windows: expected int [docs, length >= 2], got shape {windows.shape}")
+        if windows.min() < 0 or windows.max() >= config.vocab_size:
+            raise ValueError(f"eval windows: token ids span {windows.min()}..{windows.max()}; expected ids below the "
+                             f"model's vocab_size {config.vocab_size} (wrong tokenizer?)")
         self.windows = jax.device_put(jnp.asarray(windows, jnp.int32))  # once: every call reuses them
         self.params = jax.device_put(params)
-        self.tokens_per_window = windows.shape[1] - 1  # predicted tokens: all but BOS
-        self.traces = 0
-        self._nll_sums = jax.jit(self._nll_sums_impl)
 
-    def _nll_sums_impl(self, params, factors_CxD, start_tokens_C, windows_NxL):
+    def _nll_sums(self, params, factors_CxD, start_tokens_C, windows_NxL):
         self.traces += 1  # runs only while tracing: counts compilations
         model = Llama(self.config)
 
@@ -110,7 +112,8 @@ class PerplexityEvaluator:
             if pad:
                 f = np.concatenate([f, np.repeat(f[-1:], pad, 0)])
                 s = np.concatenate([s, np.repeat(s[-1:], pad, 0)])
-            sums_NxC = np.asarray(self._nll_sums(self.params, jnp.asarray(f), jnp.asarray(s), self.windows), np.float64)
+            sums_NxC = np.asarray(self.jitted(self.params, jnp.asarray(f), jnp.asarray(s), self.windows), np.float64)
             out.append(sums_NxC.sum(0)[: c - pad])
-        ppl = perplexity(np.concatenate(out) / (self.windows.shape[0] * self.tokens_per_window))
+        tokens_per_window = self.windows.shape[1] - 1  # predicted tokens: all but BOS
+        ppl = perplexity(np.concatenate(out) / (self.windows.shape[0] * tokens_per_window))
         return np.where(np.isnan(ppl), math.inf, ppl)  # a NaN candidate ranks last

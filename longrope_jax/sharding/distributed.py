@@ -10,39 +10,13 @@ Multi-host contract (one process per host, every process runs the same program):
 
 from __future__ import annotations
 
-import glob
 import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# Signals of a Cloud TPU VM. Env vars: GKE and queued-resource TPU VMs export the worker list
-# (TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES) and the slice type (TPU_ACCELERATOR_TYPE);
-# CLOUD_TPU_TASK_ID is set by older TPU VM images. Plain GCE TPU VMs keep these in the metadata
-# server instead, so the hardware is checked too: /dev/accel* (v2-v5e) or a Google PCI device
-# with a TPU device id (v5p, v6e and later sit behind VFIO, and /dev/vfio alone also means GPU
-# passthrough). The ids mirror jax._src.hardware_utils.
-TPU_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_ACCELERATOR_TYPE", "CLOUD_TPU_TASK_ID")
-_GOOGLE_PCI_VENDOR = "0x1ae0"
-_TPU_PCI_DEVICES = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}
-
-
-def on_cloud_tpu_vm() -> bool:
-    """Whether this host is a Cloud TPU VM (env vars or TPU hardware; see above)."""
-    if any(os.environ.get(v) for v in TPU_ENV_VARS) or glob.glob("/dev/accel[0-9]*"):
-        return True
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            with open(vendor) as f:
-                if f.read().strip() != _GOOGLE_PCI_VENDOR:
-                    continue
-            with open(os.path.join(os.path.dirname(vendor), "device")) as f:
-                if f.read().strip() in _TPU_PCI_DEVICES:
-                    return True
-        except OSError:
-            continue
-    return False
+from longrope_jax.platform import on_cloud_tpu_vm
 
 
 def _env_int(name: str) -> int | None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import flax.linen as nn
+from jax.sharding import PartitionSpec
+
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
 
 DEFAULT_RULES = (
@@ -71,3 +74,9 @@ def rules_from_config(overrides=None, base=DEFAULT_RULES, mesh_axes: tuple[str, 
             emitted.add(name)
     out.extend(p for p in pairs if p[0] not in emitted)
     return tuple(out)
+
+
+def partition_spec(logical_names, rules) -> PartitionSpec:
+    """The mesh PartitionSpec that `rules` give an array with these logical axis names."""
+    spec = nn.logical_to_mesh_axes(logical_names, rules)
+    return PartitionSpec(*spec) if spec is not None else PartitionSpec(*([None] * len(logical_names)))

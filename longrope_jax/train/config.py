@@ -15,16 +15,17 @@ from longrope_jax.rope import RopeScaling
 # Model fields a config may set; when `init_from` names a checkpoint only the JAX-side ones and
 # max_position_embeddings apply (the architecture comes from the checkpoint).
 JAX_MODEL_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention", "attention_chunk",
-                    "ring_zigzag", "max_position_embeddings")
+                    "ring_zigzag", "loss_chunk", "max_position_embeddings")
 
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = dict(
         vocab_size=264, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=0, rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=10000.0,
+        num_key_value_heads=2, head_dim=0, sliding_window=0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_theta=10000.0,
         max_position_embeddings=256, param_dtype="float32", dtype="float32", scan_layers=False,
-        remat_policy="none", attention="dense", attention_chunk=512, ring_zigzag=True,
+        remat_policy="none", attention="dense", attention_chunk=512, ring_zigzag=True, loss_chunk=1024,
     )
     # RoPE extension. `type: keep` leaves the model's own scaling (from the checkpoint or `model`).
     c.rope = dict(
@@ -44,22 +45,44 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 50, "keep": 3, "async": True})
     c.eval = dict(every_steps=50, batches=4, batch_size=8)
     c.logging = dict(every_steps=10, tensorboard=True, progress=True)
+    c.profile = dict(steps="")  # "N,M": an XProf trace of steps N..M in WORKDIR/profile
     c.init_from = ""  # "hf:PATH" or "jax:PATH"
     c.export_hf = False
     return c
 
 
-def long_context_finetune(*, init_from: str, seq_len: int, steps: int, lr: float, batch_size: int,
+# Published architectures (their HF config.json), so a recipe compiles (`longrope-jax compile`) on a machine
+# without the checkpoint. With the checkpoint at `init_from`, its own config.json wins.
+ARCHITECTURES = {
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=4096, tie_word_embeddings=False),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      max_position_embeddings=8192, tie_word_embeddings=False),
+    "mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       max_position_embeddings=32768, sliding_window=4096, tie_word_embeddings=False),
+}
+
+
+def long_context_finetune(*, init_from: str, arch: str, seq_len: int, steps: int, lr: float, batch_size: int,
                           mesh: dict, warmup_steps: int = 20) -> ml_collections.ConfigDict:
     """The paper recipes' shared settings: fine-tune a converted HF checkpoint at `seq_len`.
 
-    The `model` section only sets what the checkpoint does not: kernels, dtypes, remat and the new
+    `arch` names the checkpoint's architecture (`ARCHITECTURES`); the checkpoint's own config.json wins
+    when it is there. The `model` section then only adds kernels, dtypes, remat and the new
     max_position_embeddings. AdamW (0.9, 0.95), no weight decay, 20 warmup steps, then constant
     (PI and YaRN); data is PG19 via TFDS, one window per document.
     """
     c = default_config()
     c.init_from = init_from
-    c.model.update(max_position_embeddings=seq_len, attention="ring", attention_chunk=2048, ring_zigzag=True,
+    c.model.update(ARCHITECTURES[arch])
+    # attention_chunk 512: a score block is [rows, heads, 512, 512] fp32 per device (256 MiB for 8 rows x 32
+    # heads); at 2048 it was 4 GiB, and the ring's backward keeps several alive (measured with `compile`).
+    # loss_chunk 256: the loss holds [rows, 256, vocab] fp32 logits per device (0.25 GiB at 8 rows x 32k vocab).
+    c.model.update(max_position_embeddings=seq_len, attention="ring", attention_chunk=512, ring_zigzag=True,
+                   loss_chunk=256,
                    scan_layers=True, remat_policy="full", param_dtype="float32")
     c.train.update(steps=steps, batch_size=batch_size, seq_len=seq_len, dtype="bfloat16")
     c.optimizer.update(lr=lr, warmup_steps=warmup_steps, schedule="constant", b1=0.9, b2=0.95,
@@ -126,8 +149,9 @@ def rope_scaling(c: ml_collections.ConfigDict, current: RopeScaling) -> RopeScal
 def model_config(c: ml_collections.ConfigDict, base: LlamaConfig | None = None) -> LlamaConfig:
     """The LlamaConfig to train: `base` (from init_from) or the `model` section, plus `rope` and train.dtype."""
     m = dict(c.model)
-    if not m.pop("head_dim"):
-        m["head_dim"] = None
+    for key in ("head_dim", "sliding_window"):  # 0: none given
+        if not m.pop(key):
+            m[key] = None
     m["dtype"] = c.train.dtype
     try:
         if base is None:
@@ -164,7 +188,32 @@ def check_shapes(c: ml_collections.ConfigDict, mesh, model: LlamaConfig, vocab_s
             raise ValueError(
                 f"config.model.attention_chunk {model.attention_chunk} does not divide the per-device length {local}"
             )
+    if model.attention == "splash" and seq > 1:
+        raise ValueError(f"config.model.attention 'splash' needs config.mesh.seq == 1, got {seq} (splash holds the "
+                         "whole sequence on each device; use 'ring' to split it)")
     if model.attention == "ring" and seq == 1:
         raise ValueError("config.model.attention 'ring' needs config.mesh.seq > 1 (use 'blockwise' on one device)")
     if vocab_size > model.vocab_size:
         raise ValueError(f"config.model.vocab_size {model.vocab_size} is smaller than the tokenizer's {vocab_size}")
+
+
+def parse_config_args(argv: list[str], command: str, string_flags: dict | None = None):
+    """(locked ConfigDict, {flag: value}) from absl-style flags: `--config FILE [--config.a.b=value ...]` plus
+    the string flags named in `string_flags` ({name: help}); a missing --config or a bad override is a ValueError."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    full = [f"longrope-jax {command}", *argv]
+    # config_flags looks for the --config.x overrides in sys_argv (sys.argv by default).
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()", flag_values=fv,
+                                    lock_config=True, sys_argv=full)
+    for name, help_text in (string_flags or {}).items():
+        flags.DEFINE_string(name, None, help_text, flag_values=fv)
+    try:
+        fv(full)
+    except (flags.Error, KeyError, AttributeError) as e:  # config_flags reports a bad override key as these
+        raise ValueError(f"{command}: {e}") from None
+    if fv.config is None:
+        raise ValueError(f"{command}: --config FILE is required")
+    return fv.config, {name: getattr(fv, name) for name in (string_flags or {})}

@@ -40,6 +40,7 @@ from longrope_jax.train import config as config_lib
 from longrope_jax.train import optim
 from longrope_jax.train.checkpoint import Checkpointer, abstract
 from longrope_jax.train.metrics import MetricsWriter
+from longrope_jax.train.profile import StepProfiler, parse_steps
 from longrope_jax.train.steps import TrainState, eval_step, train_step
 
 DONE_FILE = "DONE"
@@ -226,6 +227,7 @@ def train(config: ml_collections.ConfigDict | dict, workdir, *, stop_at: int | N
     base_cfg, init_params = load_model(c.init_from, "config.init_from") if c.init_from else (None, None)
     model_cfg = config_lib.model_config(c, base_cfg)
     config_lib.check_shapes(c, mesh, model_cfg, tokenizer.vocab_size)
+    profiler = StepProfiler(parse_steps(c.profile.steps), workdir / "profile")
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(json.dumps({**c.to_dict(), "resolved_model": _model_json(model_cfg)},
                                                         indent=2, default=str) + "\n")
@@ -257,7 +259,9 @@ def train(config: ml_collections.ConfigDict | dict, workdir, *, stop_at: int | N
     try:
         pending = None
         for step in range(start, c.train.steps):
+            profiler.before(step + 1)
             state, metrics = step_fn(state, to_global(next(batches)))
+            profiler.after(step + 1, metrics)
             if pending is not None:  # read the previous step's metrics while this one runs
                 reporter(*pending)
             pending = (step + 1, metrics)
@@ -282,6 +286,7 @@ def train(config: ml_collections.ConfigDict | dict, workdir, *, stop_at: int | N
             (workdir / DONE_FILE).write_text(f"{c.train.steps}\n")
         return {**summary, "stopped_at": c.train.steps, "preempted": False, "last": reporter.last}
     finally:
+        profiler.close()
         preempt.restore()
         ckpt.close()
         log.close()
@@ -341,23 +346,12 @@ def register_cli(subparsers) -> None:
 
 
 def parse_train_args(argv: list[str], command: str = "train"):
-    """(ConfigDict, workdir) from absl-style flags: ml_collections.config_flags, locked config."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    fv = flags.FlagValues()
-    full = [f"longrope-jax {command}", *argv]
-    # config_flags looks for the --config.x overrides in sys_argv (sys.argv by default).
-    config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()", flag_values=fv,
-                                    lock_config=True, sys_argv=full)
-    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, logs)", flag_values=fv)
-    try:
-        fv(full)
-    except (flags.Error, KeyError, AttributeError) as e:  # config_flags reports a bad override key as these
-        raise ValueError(f"{command}: {e}") from None
-    if fv.config is None or fv.workdir is None:
+    """(ConfigDict, workdir) from absl-style flags: --config FILE --workdir DIR [--config.a.b=value ...]."""
+    config, values = config_lib.parse_config_args(
+        argv, command, {"workdir": "run directory (checkpoints, metrics, logs)"})
+    if values["workdir"] is None:
         raise ValueError(f"{command}: --config FILE and --workdir DIR are both required")
-    return fv.config, fv.workdir
+    return config, values["workdir"]
 
 
 def _train_cli(args) -> int:

@@ -1,4 +1,5 @@
-"""Blockwise and ring attention against the dense reference: outputs and dQ/dK/dV, 8 CPU devices."""
+"""Ring attention against the dense reference (outputs and dQ/dK/dV) on meshes of 8 CPU devices, and
+the full model's loss and gradients under dense, blockwise and ring attention."""
 
 import dataclasses
 
@@ -10,56 +11,7 @@ import pytest
 from longrope_jax import attention as attn
 from longrope_jax.model import Llama, LlamaConfig, init_params
 from longrope_jax.sharding.rules import DEFAULT_RULES
-
-RTOL = 1e-5
-AXES = ("data", "fsdp", "seq", "tensor")
-
-
-def mesh_of(data=1, fsdp=1, seq=1, tensor=1):
-    return jax.make_mesh((data, fsdp, seq, tensor), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
-
-
-def packed_inputs(b=2, length=64, h=4, kv=2, d=16, seed=0, docs=(40, 24)):
-    rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((b, length, kv, d)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((b, length, kv, d)), jnp.float32)
-    do = jnp.asarray(rng.standard_normal((b, length, h, d)), jnp.float32)
-    pos = np.concatenate([np.arange(n) for n in docs])
-    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(docs)])
-    pos, seg = (jnp.asarray(np.broadcast_to(x, (b, length)), jnp.int32) for x in (pos, seg))
-    return q, k, v, do, pos, seg
-
-
-def dense_ref(q, k, v, pos, seg, window=None):
-    return attn.dense_attention(q, k, v, attn.attention_mask(pos, pos, seg, seg, window))
-
-
-def rel(a, b):
-    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-
-
-def assert_same_as_dense(fn, q, k, v, do, pos, seg, window=None):
-    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
-    ref, ref_vjp = jax.vjp(jax.jit(lambda q, k, v: dense_ref(q, k, v, pos, seg, window)), q, k, v)
-    assert rel(out, ref) < RTOL
-    for name, g, r in zip(("dq", "dk", "dv"), vjp(do), ref_vjp(do)):
-        assert rel(g, r) < RTOL, name
-
-
-@pytest.mark.parametrize("kv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
-@pytest.mark.parametrize("chunk", [8, 16, 64])
-def test_blockwise_equals_dense(kv, chunk):
-    q, k, v, do, pos, seg = packed_inputs(kv=kv)
-    fn = lambda q, k, v: attn.blockwise_attention(q, k, v, pos, pos, seg, seg, chunk=chunk)
-    assert_same_as_dense(fn, q, k, v, do, pos, seg)
-
-
-def test_blockwise_sliding_window_equals_dense():
-    q, k, v, do, pos, seg = packed_inputs()
-    fn = lambda q, k, v: attn.blockwise_attention(q, k, v, pos, pos, seg, seg, chunk=8, sliding_window=12)
-    assert_same_as_dense(fn, q, k, v, do, pos, seg, window=12)
-
+from tests.attention.inputs import RTOL, assert_same_as_dense, mesh_of, packed_inputs, rel
 
 RING_MESHES = [
     dict(seq=2, fsdp=4), dict(seq=4, fsdp=2), dict(seq=8), dict(seq=2, data=2, tensor=2),
@@ -98,27 +50,6 @@ def test_ring_needs_a_mesh_with_a_length_axis():
     no_length = tuple(r for r in DEFAULT_RULES if r[0] != "length")
     with pytest.raises(ValueError, match="'length' -> None"):
         attn.ring_attention(q, k, v, pos, seg, mesh=mesh_of(seq=8), rules=no_length)
-
-
-def test_chunk_must_divide_length():
-    q, k, v, _, pos, seg = packed_inputs()
-    with pytest.raises(ValueError, match="attention_chunk: length 64 is not a multiple of the chunk size 24"):
-        attn.blockwise_attention(q, k, v, pos, pos, seg, seg, chunk=24)
-
-
-def test_zigzag_round_trip_and_balanced_work():
-    idx = attn.zigzag_indices(16, 2)
-    np.testing.assert_array_equal(idx, [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11])
-    x = jnp.arange(2 * 32).reshape(2, 32)
-    np.testing.assert_array_equal(attn.unzigzag(attn.zigzag(x, 4), 4), x)
-    contiguous = attn.causal_blocks_per_device(64, 8, balanced=False, chunk=4)
-    balanced = attn.causal_blocks_per_device(64, 8, balanced=True, chunk=4)
-    assert contiguous.sum() == balanced.sum()
-    assert contiguous.max() / contiguous.min() > 5
-    assert balanced.max() / balanced.min() <= 1.2
-    assert attn.causal_critical_path(64, 8, True, 4) < attn.causal_critical_path(64, 8, False, 4)
-    with pytest.raises(ValueError, match="multiple of 2 x seq shards"):
-        attn.zigzag_indices(20, 4)
 
 
 # ---- the full model ----------------------------------------------------------------------------------
@@ -176,12 +107,3 @@ def test_ring_model_without_mesh_is_a_clear_error():
     params = init_params(config, jax.random.key(0))
     with pytest.raises(ValueError, match="attention='ring' needs a mesh"):
         Llama(config).apply({"params": params}, jnp.zeros((1, 64), jnp.int32))
-
-
-@pytest.mark.skipif(jax.devices()[0].platform != "tpu", reason="splash attention is a TPU (Pallas/Mosaic) kernel")
-def test_splash_equals_dense_on_tpu():
-    q, k, v, do, pos, seg = packed_inputs(length=512, d=128, docs=(300, 212))
-    pos = jnp.arange(512)[None].repeat(2, 0)  # splash is causal by index: contiguous positions
-    fn = lambda q, k, v: attn.splash_attention(q, k, v, seg)
-    out = jax.jit(fn)(q, k, v)
-    assert rel(out, dense_ref(q, k, v, pos, seg)) < 1e-2  # splash computes in bf16 on the MXU

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from longrope_jax.data import sources as data_lib
 from tests.processes import free_port, run_all, tail
+from tests.tiny import REPO, TINY_CPU, TRAIN_MODEL
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny_cpu.py"
 NUM_PROCESSES = 2
 DEVICES = 8
 TIMEOUT_S = 240  # a hung collective fails the test instead of hanging CI
@@ -32,10 +30,10 @@ TIMEOUT_S = 240  # a hung collective fails the test instead of hanging CI
 # relative; the meshes' own series differ from each other by ~1e-3, so 1e-5 still discriminates.
 RTOL = 1e-5
 
-# Two layers x 64 wide, context 64: as small as the mesh splits allow (hidden % fsdp, seq_len % 2 x seq).
+# The tiny train tests' model (two layers x 64 wide, context 64): as small as the mesh splits allow
+# (hidden % fsdp, seq_len % 2 x seq).
 COMMON = {
-    "model.num_hidden_layers": 2, "model.hidden_size": 64, "model.intermediate_size": 128, "model.head_dim": 16,
-    "model.max_position_embeddings": 64, "train.seq_len": 64, "train.batch_size": 8, "train.steps": 4,
+    **{f"model.{k}": v for k, v in TRAIN_MODEL.items()}, "train.seq_len": 64, "train.batch_size": 8, "train.steps": 4,
     "checkpoint.every_steps": 2, "eval.every_steps": 2, "eval.batches": 1, "eval.batch_size": 8,
     "logging.every_steps": 1, "logging.progress": False, "logging.tensorboard": False,
 }
@@ -51,7 +49,7 @@ MESHES = {
 
 def _command(workdir: Path, data_dir: Path, overrides: dict) -> list[str]:
     flags = {**COMMON, **overrides, "data.data_dir": str(data_dir)}
-    return [sys.executable, "-m", "longrope_jax", "train", "--config", str(TINY), "--workdir", str(workdir),
+    return [sys.executable, "-m", "longrope_jax", "train", "--config", str(TINY_CPU), "--workdir", str(workdir),
             *(f"--config.{k}={v}" for k, v in flags.items())]
 
 
@@ -75,7 +73,7 @@ def run_train(workdir: Path, data_dir: Path, overrides: dict, *, processes: int,
             env.update(LONGROPE_COORDINATOR=coordinator, LONGROPE_NUM_PROCESSES=str(processes),
                        LONGROPE_PROCESS_ID=str(i))
         jobs.append((cmd, env, workdir.parent / f"{workdir.name}.process{i}.log"))
-    seconds = run_all(jobs, timeout_s=TIMEOUT_S, what=f"train with {processes} process(es): {' '.join(cmd)}", cwd=ROOT)
+    seconds = run_all(jobs, timeout_s=TIMEOUT_S, what=f"train with {processes} process(es): {' '.join(cmd)}", cwd=REPO)
     print(f"{workdir.name}: {processes} process(es) in {seconds:.1f} s")
     logs = [log for _, _, log in jobs]
     return logs
@@ -94,20 +92,12 @@ def logs_text(logs: list[Path]) -> str:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    # Prepared once here: two processes preparing KJV into one directory at the same time would race.
-    d = tmp_path_factory.mktemp("tfds")
-    data_lib.prepare("kjv", d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("jax_cache")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir, cache_dir):
+def runs(tmp_path_factory, kjv_dir, cache_dir):
     """mesh name -> {processes: (workdir, logs)}; each run happens once per module."""
     cache = {}
 
@@ -117,7 +107,7 @@ def runs(tmp_path_factory, data_dir, cache_dir):
             done = {}
             for processes in (1, NUM_PROCESSES):
                 workdir = root / f"p{processes}"
-                done[processes] = (workdir, run_train(workdir, data_dir, MESHES[mesh], processes=processes,
+                done[processes] = (workdir, run_train(workdir, kjv_dir, MESHES[mesh], processes=processes,
                                                       cache_dir=cache_dir))
             cache[mesh] = done
         return cache[mesh]
@@ -152,7 +142,7 @@ def test_one_and_two_process_runs_checkpoint_step_4(runs, mesh):
         assert [r["step"] for r in metrics(workdir) if "loss" in r] == [1, 2, 3, 4]
 
 
-def test_two_process_run_resumes_from_step_4(runs, data_dir, cache_dir, tmp_path):
+def test_two_process_run_resumes_from_step_4(runs, kjv_dir, cache_dir, tmp_path):
     """Relaunching the finished 2-process job with more steps restores step 4 and trains on from it.
 
     Changing train.steps changes the cosine schedule, so the losses after the resume are not
@@ -161,7 +151,7 @@ def test_two_process_run_resumes_from_step_4(runs, data_dir, cache_dir, tmp_path
     done, _ = runs("fsdp8")[NUM_PROCESSES]
     workdir = tmp_path / "resumed"
     shutil.copytree(done, workdir)
-    logs = run_train(workdir, data_dir, {**MESHES["fsdp8"], "train.steps": 6}, processes=NUM_PROCESSES,
+    logs = run_train(workdir, kjv_dir, {**MESHES["fsdp8"], "train.steps": 6}, processes=NUM_PROCESSES,
                      cache_dir=cache_dir)
     where = logs_text(logs)
     log0 = logs[0].read_text(errors="replace")

@@ -1,7 +1,7 @@
-"""Config-driven training on the bundled KJV corpus: exact resume, preemption, checkpoints, validation.
+"""Config-driven training on the bundled KJV corpus: exact resume, preemption, checkpoints, HF export,
+and bad configs failing before anything compiles.
 
-The reference for every resume test is an uninterrupted run of the same config.
-"""
+The reference for every resume test is an uninterrupted run of the same config."""
 
 import json
 import os
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -25,31 +24,7 @@ from longrope_jax.io.orbax_params import save_jax
 from longrope_jax.model import Llama, init_params
 from longrope_jax.train import config as config_lib
 from longrope_jax.train.trainer import TrainingStopped, parse_train_args, train
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny_cpu.py"
-
-
-def tiny(**sections) -> ml_collections.ConfigDict:
-    """tiny_cpu shrunk to test size; `sections` are dotted overrides like train__steps=4."""
-    c, _ = parse_train_args(["--config", str(TINY), "--workdir", "unused"])
-    c.model.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-    c.train.update(steps=6, batch_size=8, seq_len=64)
-    c.mesh.update(fsdp=8)
-    c.checkpoint.update(every_steps=2, keep=5)
-    c.eval.update(every_steps=3, batches=1, batch_size=8)
-    c.logging.update(every_steps=1, progress=False)
-    c.data.update(data_dir=os.environ["LONGROPE_TEST_DATA_DIR"])
-    for key, value in sections.items():
-        section, name = key.split("__")
-        c[section][name] = value
-    return c
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _data_dir(tmp_path_factory):
-    os.environ.setdefault("LONGROPE_TEST_DATA_DIR", str(tmp_path_factory.mktemp("tfds")))
+from tests.tiny import REPO, TINY_CPU, tiny_train_config
 
 
 def losses(workdir) -> dict[int, float]:
@@ -68,12 +43,12 @@ def assert_trees_equal(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-def test_resume_is_bit_exact(tmp_path):
+def test_resume_is_bit_exact(tmp_path, kjv_dir):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    train(tiny(), full)
-    first = train(tiny(), cut, stop_at=3)
+    train(tiny_train_config(kjv_dir), full)
+    first = train(tiny_train_config(kjv_dir), cut, stop_at=3)
     assert first["stopped_at"] == 3 and first["preempted"]
-    second = train(tiny(), cut)
+    second = train(tiny_train_config(kjv_dir), cut)
     assert second["start_step"] == 3
     assert losses(cut) == losses(full) and len(losses(full)) == 6
     assert_trees_equal(final_params(cut, 6), final_params(full, 6))
@@ -85,42 +60,42 @@ def test_resume_is_bit_exact(tmp_path):
     assert any("eval_perplexity" in r for r in rows)
 
 
-def test_leftover_tmp_checkpoint_is_ignored(tmp_path):
-    train(tiny(), tmp_path, stop_at=4)
+def test_leftover_tmp_checkpoint_is_ignored(tmp_path, kjv_dir):
+    train(tiny_train_config(kjv_dir), tmp_path, stop_at=4)
     junk = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1234567"
     junk.mkdir()
     (junk / "state").mkdir()
     (junk / "state" / "garbage").write_text("cut off mid-save")
-    summary = train(tiny(), tmp_path)
+    summary = train(tiny_train_config(kjv_dir), tmp_path)
     assert summary["start_step"] == 4 and summary["stopped_at"] == 6
     assert not junk.exists()
 
 
-def test_restore_onto_a_different_mesh(tmp_path):
+def test_restore_onto_a_different_mesh(tmp_path, kjv_dir):
     # Saved with fsdp 2 x tensor 4, resumed with fsdp 8 x tensor 1.
     two_by_four = dict(mesh__fsdp=2, mesh__tensor=4, model__num_key_value_heads=4, data__shards=8)
-    train(tiny(**two_by_four), tmp_path / "run", stop_at=2)
+    train(tiny_train_config(kjv_dir, **two_by_four), tmp_path / "run", stop_at=2)
     saved = final_params(tmp_path / "run", 2)
     eight_by_one = dict(mesh__fsdp=8, mesh__tensor=1, model__num_key_value_heads=4, data__shards=8)
-    summary = train(tiny(**eight_by_one), tmp_path / "run", stop_at=4)
+    summary = train(tiny_train_config(kjv_dir, **eight_by_one), tmp_path / "run", stop_at=4)
     assert summary["start_step"] == 2
     reference = tmp_path / "reference"
-    train(tiny(**two_by_four), reference, stop_at=4)
+    train(tiny_train_config(kjv_dir, **two_by_four), reference, stop_at=4)
     ref_losses = losses(reference)
     got = losses(tmp_path / "run")
     np.testing.assert_allclose([got[s] for s in (3, 4)], [ref_losses[s] for s in (3, 4)], rtol=1e-5)
     assert jax.tree.structure(saved) == jax.tree.structure(final_params(tmp_path / "run", 4))
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
-    cmd = [sys.executable, "-m", "longrope_jax", "train", "--config", str(TINY), "--workdir", str(tmp_path),
+def test_sigterm_saves_and_exits_zero(tmp_path, kjv_dir):
+    cmd = [sys.executable, "-m", "longrope_jax", "train", "--config", str(TINY_CPU), "--workdir", str(tmp_path),
            "--config.train.steps=100000", "--config.train.seq_len=64", "--config.train.batch_size=8",
            "--config.model.hidden_size=64", "--config.model.num_hidden_layers=1", "--config.model.head_dim=16",
            "--config.model.max_position_embeddings=64", "--config.checkpoint.every_steps=100000",
            "--config.eval.every_steps=0", "--config.logging.every_steps=1", "--config.logging.progress=False",
-           f"--config.data.data_dir={os.environ['LONGROPE_TEST_DATA_DIR']}"]
+           f"--config.data.data_dir={kjv_dir}"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -135,8 +110,8 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert not (tmp_path / "DONE").exists()
 
 
-def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
-    c = tiny()
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path, kjv_dir):
+    c = tiny_train_config(kjv_dir)
     model = config_lib.model_config(c)
     params = init_params(model, jax.random.key(0))
     params["norm"]["scale"] = params["norm"]["scale"].at[0].set(jnp.nan)
@@ -150,8 +125,9 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
     assert not (tmp_path / "run" / "DONE").exists()
 
 
-def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path):
-    c = tiny(train__steps=2, rope__type="yarn", rope__factor=2.0, rope__original_max_position_embeddings=32)
+def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, kjv_dir):
+    c = tiny_train_config(kjv_dir, train__steps=2, rope__type="yarn", rope__factor=2.0,
+                          rope__original_max_position_embeddings=32)
     c.export_hf = True
     train(c, tmp_path)
     config, params = load_hf(tmp_path / "hf")
@@ -180,69 +156,8 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path):
     ],
 )
 def test_bad_configs_fail_before_compiling(tmp_path, override, match):
-    args = ["--config", str(TINY), "--workdir", str(tmp_path), "--config.train.steps=1", *override]
+    args = ["--config", str(TINY_CPU), "--workdir", str(tmp_path), "--config.train.steps=1", *override]
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         config, workdir = parse_train_args(args)
         train(config, workdir)
     assert not (tmp_path / "checkpoints").exists()
-
-
-def test_unknown_key_in_a_config_file_is_named():
-    with pytest.raises(ValueError, match=r"config.train.stepz: unknown key"):
-        config_lib.resolve({"train": {"stepz": 3}})
-
-
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")
-                                         if not p.stem.startswith("extend_")))  # extend configs: test_extend
-def test_shipped_configs_resolve_and_fit_their_slice(name):
-    c, _ = parse_train_args(["--config", str(ROOT / "configs" / f"{name}.py"), "--workdir", "x"])
-    c = config_lib.resolve(c)
-    assert set(c.keys()) == set(config_lib.default_config().keys())
-    if c.init_from:  # paper recipe: its mesh names a TPU slice; check the arithmetic against it
-        n = c.mesh.data * c.mesh.fsdp * c.mesh.seq * c.mesh.tensor
-        assert n >= 32
-        assert c.train.seq_len % (2 * c.mesh.seq) == 0
-        assert c.train.batch_size % (c.mesh.data * c.mesh.fsdp) == 0
-        assert c.train.seq_len // c.mesh.seq % c.model.attention_chunk == 0
-        assert c.rope.type in ("linear", "yarn", "longrope")
-
-
-def test_grad_accumulation_matches_one_big_batch():
-    import functools
-
-    from longrope_jax.data.loader import make_loader
-    from longrope_jax.data.sources import open_source
-    from longrope_jax.data.tokenizer import build_tokenizer
-    from longrope_jax.train import optim
-    from longrope_jax.train.steps import TrainState, train_step
-
-    c = config_lib.resolve(tiny())
-    model_cfg = config_lib.model_config(c)
-    source = open_source("kjv", "train", data_dir=c.data.data_dir)
-    batch = next(make_loader(source, build_tokenizer("byte"), seq_len=64, batch_size=8, seed=0))
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    tx, lr = optim.make_optimizer(c.optimizer, 10)
-    params = init_params(model_cfg, jax.random.key(0))
-    results = []
-    for accum in (1, 2, 4):
-        state = TrainState.create(params, tx, jax.random.key(1))
-        step = jax.jit(functools.partial(train_step, model=Llama(model_cfg), tx=tx, lr_fn=lr, accum=accum))
-        results.append(step(state, batch))
-    (ref_state, ref), others = results[0], results[1:]
-    for state, metrics in others:
-        np.testing.assert_allclose(metrics["loss"], ref["loss"], rtol=1e-6)
-        np.testing.assert_allclose(metrics["grad_norm"], ref["grad_norm"], rtol=1e-5)
-        assert int(metrics["tokens"]) == int(ref["tokens"])
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state.params, ref_state.params)
-
-
-def test_learning_rate_schedule_warms_up_then_decays():
-    from longrope_jax.train import optim
-
-    opt = config_lib.default_config().optimizer
-    opt.update(lr=1.0, warmup_steps=10, schedule="cosine", end_lr_ratio=0.1)
-    lr = optim.learning_rate(opt, 110)
-    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
-    assert float(lr(10)) == pytest.approx(1.0)
-    assert float(lr(60)) == pytest.approx(0.55, rel=1e-3)  # half way down the cosine to 0.1
-    assert float(lr(110)) == pytest.approx(0.1)

@@ -18,7 +18,7 @@ from longrope_jax.model import Llama, init_params
 from tests import multihost_worker as worker
 from tests.processes import free_port, run_all
 
-WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.dirname(__file__)), "multihost_worker.py")  # tests/
 NUM_PROCESSES = 2
 TIMEOUT_S = 180  # a hung collective fails the test instead of hanging CI
 RTOL = 1e-5

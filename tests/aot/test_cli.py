@@ -1,0 +1,95 @@
+"""`longrope-jax compile` on the tiny config for a small TPU slice: every kernel and program compiles with
+libtpu's compiler on this CPU machine, and bad input gets a one-line error."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from longrope_jax import cli
+from longrope_jax.aot import topology
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny_cpu.py")
+
+# (kernel, mesh data,fsdp,seq,tensor): every attention the train step can use on a 4-chip slice.
+KERNELS = {
+    "dense": ("dense", (1, 4, 1, 1), True),
+    "blockwise": ("blockwise", (1, 4, 1, 1), True),
+    "ring_zigzag": ("ring", (1, 2, 2, 1), True),
+    "ring_contiguous": ("ring", (1, 2, 2, 1), False),
+    "splash": ("splash", (1, 2, 1, 2), True),
+}
+
+
+def compile_args(kernel: str, programs: str) -> list:
+    attention, (d, f, s, t), zigzag = KERNELS[kernel]
+    return ["compile", "--config", TINY, "--topology", "v5p:2x2x1", "--programs", programs,
+            f"--config.model.attention={attention}", "--config.model.attention_chunk=128",
+            f"--config.model.ring_zigzag={zigzag}", f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}",
+            f"--config.mesh.seq={s}", f"--config.mesh.tensor={t}", "--config.train.batch_size=4",
+            "--config.eval.batch_size=4"]
+
+
+def rows_of(out: str) -> dict:
+    return {r["program"]: r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_tiny_model_compiles_for_a_tpu_slice_with_every_kernel(kernel, capsys):
+    programs = "train,perplexity,prefill,decode" if kernel == "dense" else "train"
+    assert cli.main(compile_args(kernel, programs)) == 0
+    rows = rows_of(capsys.readouterr().out)
+    assert sorted(rows) == sorted(programs.split(","))
+    for r in rows.values():
+        assert r["fits"] and r["topology"] == "v5p:2x2x1" and 0 < r["total_gib"] < r["hbm_gib"]
+        assert r["params_and_state_gib"] > 0 and r["largest_buffers"]
+    train = rows["train"]
+    # tiny_cpu: ~1.0M parameters; AdamW keeps two moments, so the state is ~3x the fp32 params per chip share.
+    assert train["tflops_per_chip"] > 0 and train["tokens_per_s_per_chip_at_40pct_mfu"] > 0
+
+
+def test_splash_rejects_a_split_sequence_before_compiling(capsys):
+    args = compile_args("splash", "train")
+    args[args.index("--config.mesh.seq=1")] = "--config.mesh.seq=2"
+    args[args.index("--config.mesh.tensor=2")] = "--config.mesh.tensor=1"
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "attention 'splash' needs config.mesh.seq == 1" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (("--topology", "v9-8"), "--topology 'v9-8': expected a slice name such as v5p-256"),
+    (("--config.mesh.fsdp=4", "--config.mesh.fsdp=8"), "does not match the slice's 4 chips"),
+    (("--programs", "train,bogus"), "unknown ['bogus']"),
+])
+def test_bad_input_exits_2_with_one_line(change, message, capsys):
+    args = compile_args("dense", "train")
+    old, new = change
+    if old.startswith("--config"):
+        args[args.index(old)] = new
+    else:
+        args[args.index(old) + 1] = new
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_missing_libtpu_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu now raises ImportError
+    with pytest.raises(topology.MissingLibtpu, match=r"pip install -e '\.\[tpu\]'"):
+        topology.tpu_devices(topology.parse_topology("v5p:2x2x1"))
+
+
+def test_a_program_that_does_not_fit_exits_2_with_the_compilers_figures(tmp_path):
+    # Dense attention at 64k tokens: [heads, L, L] fp32 scores are 32 GiB, more than a v5e chip's 16 GiB.
+    args = ["compile", "--config", TINY, "--topology", "v5e:1x1", "--programs", "eval", "--config.mesh.fsdp=1",
+            "--config.train.seq_len=65536", "--config.model.max_position_embeddings=65536",
+            "--config.eval.batch_size=1", "--config.train.batch_size=1"]
+    proc = subprocess.run([sys.executable, "-m", "longrope_jax", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "eval does not fit in 90% of HBM on v5e:1x1" in last and "GiB" in last

@@ -1,0 +1,73 @@
+"""Blockwise attention against the dense reference (outputs and dQ/dK/dV), and its memory inside a
+differentiated scan over layers (the kernel shared with the ring)."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from longrope_jax import attention as attn
+from longrope_jax.sharding.rules import DEFAULT_RULES
+from tests.attention.inputs import assert_same_as_dense, packed_inputs
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("chunk", [8, 16, 64])
+def test_blockwise_equals_dense(kv, chunk):
+    q, k, v, do, pos, seg = packed_inputs(kv=kv)
+    fn = lambda q, k, v: attn.blockwise_attention(q, k, v, pos, pos, seg, seg, chunk=chunk)
+    assert_same_as_dense(fn, q, k, v, do, pos, seg)
+
+
+def test_blockwise_sliding_window_equals_dense():
+    q, k, v, do, pos, seg = packed_inputs()
+    fn = lambda q, k, v: attn.blockwise_attention(q, k, v, pos, pos, seg, seg, chunk=8, sliding_window=12)
+    assert_same_as_dense(fn, q, k, v, do, pos, seg, window=12)
+
+
+def test_chunk_must_divide_length():
+    q, k, v, _, pos, seg = packed_inputs()
+    with pytest.raises(ValueError, match="attention_chunk: length 64 is not a multiple of the chunk size 24"):
+        attn.blockwise_attention(q, k, v, pos, pos, seg, seg, chunk=24)
+
+
+# ---- memory under a differentiated scan over layers ------------------------------------------------
+# Differentiating a `lax.scan` (what `nn.scan` over layers becomes) makes JAX hoist the loop-invariant part
+# of its body. Without the kernels' optimization_barrier the mask work (a function of positions and segment
+# ids only) was hoisted through the chunk scans and kept for every (query chunk, key chunk) pair:
+# [nq, nk, B, K, G, cq, ck] buffers, O(heads * L^2), which the TPU compiler then had to allocate.
+
+L_SCAN, H_SCAN, D_SCAN, CHUNK_SCAN = 256, 4, 16, 32
+
+
+def _largest(jaxpr) -> int:
+    sizes = [math.prod(int(d) for d in dims.split(",") if d)
+             for dims in re.findall(r"\b(?:f32|f16|bf16|bool|i32)\[([0-9,]*)\]", str(jaxpr))]
+    return max(sizes)
+
+
+def _layer_scan_grad(kernel):
+    pos = jnp.broadcast_to(jnp.arange(L_SCAN, dtype=jnp.int32), (2, L_SCAN))
+    seg = jnp.ones((2, L_SCAN), jnp.int32)
+
+    def loss(x, ws):
+        def layer(x, w):
+            return kernel(x * w, pos, seg), None
+        return jnp.sum(jax.lax.scan(layer, x, ws)[0])
+
+    x = jnp.ones((2, L_SCAN, H_SCAN, D_SCAN), jnp.float32)
+    return jax.make_jaxpr(jax.grad(loss))(x, jnp.ones((2,)))
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "ring"])
+def test_no_quadratic_buffers_under_a_differentiated_layer_scan(impl):
+    if impl == "blockwise":
+        kernel = lambda x, pos, seg: attn.blockwise_attention(x, x, x, pos, pos, seg, seg, chunk=CHUNK_SCAN)
+    else:
+        mesh = jax.make_mesh((1, 2, 2, 1), ("data", "fsdp", "seq", "tensor"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 4, devices=jax.devices()[:4])
+        kernel = lambda x, pos, seg: attn.ring_attention(x, x, x, pos, seg, mesh=mesh, rules=DEFAULT_RULES, chunk=CHUNK_SCAN)
+    # Linear: per-layer residuals [layers, B, L, H, D] (2 * 2 * L * H * D); quadratic: B * H * L * L per score tensor.
+    assert _largest(_layer_scan_grad(kernel)) < 2 * H_SCAN * L_SCAN * L_SCAN // 4

@@ -1,0 +1,39 @@
+"""`longrope-jax demo --quick`: every stage of the study runs end to end, and a re-run skips them all."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from longrope_jax.demo.plan import Plan
+from longrope_jax.demo.run import run_demo
+
+
+def test_quick_demo_runs_every_stage_writes_the_report_and_resumes(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as `make demo` runs
+    cmd = [sys.executable, "-m", "longrope_jax", "demo", "--quick", "--workdir", str(tmp_path)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stages = json.loads((tmp_path / "stages.json").read_text())
+    plan = Plan.quick()
+    assert list(stages) == [name for name in plan.expected_s]
+    report = (tmp_path / "report.md").read_text()
+    for section in ("## Findings", "## Without fine-tuning", "## After fine-tuning", "## Export", "## Stage times"):
+        assert section in report
+    for png in ("perplexity_base.png", "perplexity_tuned.png", "passkey.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    check = json.loads((tmp_path / "export" / "check.json").read_text())
+    assert check["rope_scaling"]["rope_type"] == "longrope"
+    assert check.get("ok") is True, check  # transformers loads the export and its logits match ours
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("skipped") == len(stages)
+
+
+def test_demo_refuses_a_workdir_holding_the_other_plan(tmp_path):
+    (tmp_path / "plan.json").write_text("{}")
+    with pytest.raises(ValueError, match="plan.json differs"):
+        run_demo(tmp_path, quick=True)
