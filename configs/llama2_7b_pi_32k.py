@@ -4,10 +4,9 @@ Slice: TPU v4-128 (64 chips): fsdp 8 x seq 8; 32k tokens are 4k per ring device.
     longrope-jax train --config configs/llama2_7b_pi_32k.py --workdir gs://BUCKET/pi32k \
         --config.init_from=hf:/path/to/Llama-2-7b-hf
 
-Memory (`longrope-jax compile`, libtpu): the paper's batch stays 64 sequences, taken as 2 micro-batches
-(`train.grad_accum=2`). In one pass the layer inputs that full remat keeps are [32 layers, 8 rows, 4096
-tokens, 4096] bf16 = 8 GiB per chip, and the PI step needed 30.0 GiB of v4's 32 GiB (94%); in two it needs
-half the activations (see README's recipe table for the figure).
+Memory: the paper's 64 sequences per step are taken as 2 micro-batches (train.grad_accum=2): in one pass
+the step needed 30.0 GiB of the chip's 32 (94%, `longrope-jax compile`); in two, 15.2 GiB (see
+long_context_finetune for where it goes).
 """
 
 from longrope_jax.train.config import long_context_finetune

@@ -2,10 +2,9 @@
 
 Slice: TPU v4-256 (128 chips): fsdp 8 x seq 16 (4k tokens per ring device).
 
-Memory (`longrope-jax compile`, libtpu): the paper's batch stays 64 sequences, taken as 2 micro-batches
-(`train.grad_accum=2`). In one pass the layer inputs that full remat keeps are [32 layers, 8 rows, 4096
-tokens, 4096] bf16 = 8 GiB per chip, and the PI step needed 30.0 GiB of v4's 32 GiB (94%); in two it needs
-half the activations (see README's recipe table for the figure).
+Memory: the paper's 64 sequences per step are taken as 2 micro-batches (train.grad_accum=2): 8 rows of
+4096 tokens per chip, as in the PI recipe, whose one-pass step needed 94% of 32 GiB; in two, 13.7 GiB
+(see long_context_finetune for where it goes).
 """
 
 from longrope_jax.train.config import long_context_finetune

@@ -68,20 +68,23 @@ def train_program(c, model_cfg: LlamaConfig, mesh: Mesh, rules) -> Program:
     fn = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, accum=c.train.grad_accum),
                  in_shardings=(target, batch_sharding(mesh, rules)), out_shardings=(target, replicated),
                  donate_argnums=0)
-    batch = _batch(mesh, rules, c.train.batch_size, c.train.seq_len)
-    tokens = c.train.batch_size * c.train.seq_len
-    return Program("train", fn, (state, batch), tokens, train_flops(model_cfg, tokens, c.train.seq_len),
-                   f"batch {c.train.batch_size} x {c.train.seq_len}, grad_accum {c.train.grad_accum}")
+    return _batch_program("train", fn, state, c, mesh, rules, c.train.batch_size,
+                          train_flops(model_cfg, 1, c.train.seq_len), f", grad_accum {c.train.grad_accum}")
 
 
 def eval_program(c, model_cfg: LlamaConfig, mesh: Mesh, rules) -> Program:
     params, _ = abstract_params(model_cfg, mesh, rules)
     model = Llama(model_cfg, mesh=mesh, rules=rules)
     fn = jax.jit(functools.partial(eval_step, model=model))
-    batch = _batch(mesh, rules, c.eval.batch_size, c.train.seq_len)
-    tokens = c.eval.batch_size * c.train.seq_len
-    return Program("eval", fn, (params, batch), tokens, forward_flops(model_cfg, tokens, c.train.seq_len),
-                   f"batch {c.eval.batch_size} x {c.train.seq_len}")
+    return _batch_program("eval", fn, params, c, mesh, rules, c.eval.batch_size,
+                          forward_flops(model_cfg, 1, c.train.seq_len))
+
+
+def _batch_program(name, fn, first_arg, c, mesh, rules, rows: int, flops_per_token: float, note: str = "") -> Program:
+    """A program over one [rows, train.seq_len] batch: fn(first_arg, batch)."""
+    tokens = rows * c.train.seq_len
+    return Program(name, fn, (first_arg, _batch(mesh, rules, rows, c.train.seq_len)), tokens,
+                   tokens * flops_per_token, f"batch {rows} x {c.train.seq_len}{note}")
 
 
 def perplexity_program(c, model_cfg: LlamaConfig, mesh: Mesh, rules) -> Program:

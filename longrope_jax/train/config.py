@@ -74,6 +74,11 @@ def long_context_finetune(*, init_from: str, arch: str, seq_len: int, steps: int
     when it is there. The `model` section then only adds kernels, dtypes, remat and the new
     max_position_embeddings. AdamW (0.9, 0.95), no weight decay, 20 warmup steps, then constant
     (PI and YaRN); data is PG19 via TFDS, one window per document.
+
+    Memory per chip (`longrope-jax compile`): full remat keeps every layer's input, [32 layers, rows,
+    local tokens, 4096] bf16, 8 GiB at 8 rows of 4096 tokens; the ring's score blocks and the loss's
+    logits chunk come on top (see the chunk sizes below). A 32 GiB v4 chip then needs the batch in
+    2 micro-batches; the 95 GiB v5p does not.
     """
     c = default_config()
     c.init_from = init_from

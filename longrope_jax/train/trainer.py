@@ -207,8 +207,6 @@ def _export(c, model_cfg, state, workdir: Path):
                 shutil.copyfileobj(src, dst, 64 << 20)
 
 
-
-
 def train(config: ml_collections.ConfigDict | dict, workdir, *, stop_at: int | None = None) -> dict:
     """Run (or resume) the training run in `workdir`. Returns a summary dict.
 
