@@ -4,7 +4,9 @@ The cache (`model.init_cache`) has a fixed size, prompt length + max_new_tokens 
 token is never fed back), so everything compiles once: the prompt is prefilled in one forward, then a
 jitted `decode_step`, called from a Python loop, feeds one token at a time and writes its keys/values
 at the next slot (the same compiled step for every token; the loop stops once all rows hit EOS).
-Attention over the cache is dense, so a prefill holds [T, T + max_new_tokens] scores per head.
+A prefill (and a re-prefill) fills an empty cache, so its tokens attend to each other with the
+config's kernel (blockwise, O(T x chunk), unless the config is dense); a decode step attends densely
+over the cache, [1, T + max_new_tokens] scores per head.
 
 Keys are cached after RoPE, so a cached step equals a forward over the whole sequence so far (the
 reference semantics) only while the RoPE frequencies stay the same. Two variants change them with the
@@ -69,17 +71,21 @@ def _scaling(config: LlamaConfig, rope_scaling: RopeScaling | None) -> RopeScali
     return rope_scaling if rope_scaling is not None else config.rope_scaling
 
 
-def _forward(config, params, tokens_BxL, cache, scaling, logits_at, positions=None, segment_ids=None):
-    """Cached forward -> (logits [B, V] of token `logits_at`, new cache)."""
+def _forward(config, params, tokens_BxL, cache, scaling, logits_at, positions=None, segment_ids=None,
+             fresh: bool = False):
+    """Cached forward -> (logits [B, V] of token `logits_at`, new cache). `fresh`: the cache is empty and
+    these tokens fill it from slot 0, attending to each other with the config's memory-efficient kernel."""
     logits_Bx1xV, cache = Llama(config).apply(
-        {"params": params}, tokens_BxL, positions, segment_ids, scaling, cache=cache, logits_at=logits_at
+        {"params": params}, tokens_BxL, positions, segment_ids, scaling, cache=cache, logits_at=logits_at,
+        fresh_cache=fresh,
     )
     return logits_Bx1xV[:, 0], cache
 
 
 def _prefill(config, params, prompts_BxT, max_len, scaling):
     b, t = prompts_BxT.shape
-    logits_BxV, cache = _forward(config, params, prompts_BxT, init_cache(config, b, max_len), scaling, t - 1)
+    logits_BxV, cache = _forward(config, params, prompts_BxT, init_cache(config, b, max_len), scaling, t - 1,
+                                 fresh=True)
     tokens_BxS = jnp.zeros((b, max_len), jnp.int32).at[:, :t].set(prompts_BxT)
     return logits_BxV, {"cache": cache, "tokens": tokens_BxS}
 
@@ -105,7 +111,7 @@ def _decode(config, params, state, tok_B, scaling):
         positions_S = jnp.where(valid_S, jnp.arange(s, dtype=jnp.int32), 0)
         logits_BxV, cache = _forward(
             config, params, tokens_BxS, {**cache, "index": jnp.zeros((), jnp.int32)}, scaling, pos,
-            positions_S, valid_S.astype(jnp.int32),
+            positions_S, valid_S.astype(jnp.int32), fresh=True,
         )
         return logits_BxV, {**cache, "index": pos + 1}
 

@@ -225,7 +225,8 @@ class Attention(nn.Module):
     def __call__(self, x_BxLxE, cos, sin, positions_BxL, segment_ids_BxL, kv=None, kv_mask_BxLxS=None, kv_index=None):
         """Without `kv`: the attention output. With `kv` ({"k", "v"}: [B, S, K, D] buffers of one layer):
         writes this call's keys/values at `kv_index`, attends densely over the whole buffer under
-        `kv_mask_BxLxS`, and returns `(output, new_kv)`."""
+        `kv_mask_BxLxS`, and returns `(output, new_kv)`. A `kv_mask_BxLxS` of None says the buffer held
+        nothing before this call (a prefill): the tokens attend to each other only, with `_fill_kernel`."""
         cfg = self.config
         h, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -246,7 +247,10 @@ class Attention(nn.Module):
             # Decoding: dense over the cache; the mask (positions, segments) hides empty slots.
             k_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(kv["k"], k_BxLxKxD.astype(kv["k"].dtype), kv_index, axis=1)
             v_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(kv["v"], v_BxLxKxD.astype(kv["v"].dtype), kv_index, axis=1)
-            o_BxLxHxD = attn_lib.dense_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, kv_mask_BxLxS)
+            if kv_mask_BxLxS is None:
+                o_BxLxHxD = self._fill_kernel(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, positions_BxL, segment_ids_BxL)
+            else:
+                o_BxLxHxD = attn_lib.dense_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, kv_mask_BxLxS)
         out_BxLxE = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype,
             param_dtype=cfg.jnp_param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
@@ -256,6 +260,17 @@ class Attention(nn.Module):
             return out_BxLxE
         return out_BxLxE, {"k": k_BxSxKxD, "v": v_BxSxKxD}
 
+
+    def _fill_kernel(self, q, k, v, positions, segment_ids):
+        """A prefill's attention: blockwise (O(L x chunk)) unless the config is dense or the length does not
+        split into chunks; the cache path has no mesh, so ring and splash fall back to blockwise too."""
+        cfg = self.config
+        length, chunk = q.shape[1], cfg.attention_chunk
+        if cfg.attention == "dense" or (length > chunk and length % chunk):
+            mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
+            return attn_lib.dense_attention(q, k, v, mask)
+        return attn_lib.blockwise_attention(q, k, v, positions, positions, segment_ids, segment_ids, chunk=chunk,
+                                            sliding_window=cfg.sliding_window)
 
     def _attend(self, q, k, v, positions, segment_ids):
         cfg = self.config
@@ -355,7 +370,8 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL, positions=None, segment_ids=None, rope_scaling: RopeScaling | None = None,
-                 balanced: bool = False, cache: dict | None = None, logits_at=None, hidden: bool = False):
+                 balanced: bool = False, cache: dict | None = None, logits_at=None, hidden: bool = False,
+                 fresh_cache: bool = False):
         """`balanced=True` says the inputs already are in the ring's zig-zag order (the data layer
         reordered them, positions included); logits then come back in that order too. Otherwise,
         with ring attention and `ring_zigzag`, the model reorders on entry and restores on exit.
@@ -363,7 +379,9 @@ class Llama(nn.Module):
         With a `cache`, `positions` default to `cache["index"] + arange(L)` and `segment_ids` must be
         >= 1 (0 marks empty cache slots); the attention kernel is always dense over the cache.
         `logits_at` (cached calls only; an index into L, may be traced) returns the logits of that one
-        token, [B, 1, V], rather than [B, L, V] (a prefill needs only the last). `hidden=True` returns the
+        token, [B, 1, V], rather than [B, L, V] (a prefill needs only the last). `fresh_cache=True` says
+        the cache holds nothing yet and the L tokens fill it from slot 0 (prefill, re-prefill): they attend
+        to each other with the config's memory-efficient kernel instead of densely over every slot. `hidden=True` returns the
         final-norm hidden states [B, L, E] instead of logits: `loss.py` applies the head chunk by chunk."""
         cfg = self.config
         b, length = tokens_BxL.shape
@@ -399,7 +417,7 @@ class Llama(nn.Module):
         args = (cos, sin, positions_BxL, segment_ids_BxL)
         new_cache = None
         if cache is not None:
-            x_BxLxE, new_cache = self._cached_layers(block, x_BxLxE, args, cache)
+            x_BxLxE, new_cache = self._cached_layers(block, x_BxLxE, args, cache, fresh_cache)
         elif cfg.scan_layers:
             stack = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -428,7 +446,7 @@ class Llama(nn.Module):
             return logits_BxLxV, new_cache
         return attn_lib.unzigzag(logits_BxLxV, shards) if reorder else logits_BxLxV
 
-    def _cached_layers(self, block, x_BxLxE, args, cache):
+    def _cached_layers(self, block, x_BxLxE, args, cache, fresh: bool = False):
         """The layer stack over a KV cache: the L new tokens go to slots [index, index + L).
 
         Queries attend to every slot whose (position, segment) the mask allows, so slots with
@@ -439,7 +457,8 @@ class Llama(nn.Module):
         index = cache["index"]
         k_pos_BxS = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions_BxL, index, axis=1)
         k_seg_BxS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_BxL, index, axis=1)
-        mask_BxLxS = attn_lib.attention_mask(positions_BxL, k_pos_BxS, segment_ids_BxL, k_seg_BxS, cfg.sliding_window)
+        mask_BxLxS = None if fresh else attn_lib.attention_mask(positions_BxL, k_pos_BxS, segment_ids_BxL, k_seg_BxS,
+                                                                cfg.sliding_window)
         kv = {"k": cache["k"], "v": cache["v"]}  # [layers, B, S, K, D] each
         if cfg.scan_layers:
             stack = nn.scan(

@@ -245,3 +245,21 @@ def test_bad_input_raises_naming_the_argument(args, kw, match):
                          num_attention_heads=4)
     with pytest.raises(ValueError, match=match):
         gen.generate(config, None, *args, **kw)
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "longrope", "original_max_position_embeddings": 40,
+                                         "short_factor": [1.0] * 4, "long_factor": [3.0] * 4}])
+def test_blockwise_prefill_generates_what_the_dense_cache_path_does(rope):
+    """A prefill (and the LongRoPE re-prefill at the switch) attends with the blockwise kernel, O(T x chunk),
+    instead of densely over every cache slot: tokens and logits must not change."""
+    base = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=128, rope_scaling=rope, initializer_range=0.3)
+    params = init_params(base, jax.random.key(3))
+    prompts = np.random.default_rng(0).integers(0, 97, (2, 32)).astype(np.int32)
+    dense = gen.generate(base, params, prompts, 17, temperature=0.0)  # 32 + 17 - 1 = 48 slots: a multiple of 16
+    blockwise = dataclasses.replace(base, attention="blockwise", attention_chunk=16)
+    np.testing.assert_array_equal(np.asarray(gen.generate(blockwise, params, prompts, 17, temperature=0.0)),
+                                  np.asarray(dense))
+    logits_dense, _ = gen.prefill(base, params, prompts, 48)
+    logits_block, _ = gen.prefill(blockwise, params, prompts, 48)
+    np.testing.assert_allclose(np.asarray(logits_block), np.asarray(logits_dense), rtol=1e-5, atol=1e-5)
