@@ -59,21 +59,16 @@ def _with(c, **sections):
 
 def slice_mesh(c, devices):
     """The config's mesh laid over the slice's devices (neighbouring mesh coordinates are neighbouring chips)."""
-    import numpy as np
     from jax.experimental import mesh_utils
 
-    from longrope_jax.sharding.mesh import make_mesh
+    from longrope_jax.sharding.mesh import make_mesh, mesh_shape
     from longrope_jax.sharding.rules import MESH_AXES
 
-    m = c.mesh
-    sizes = [m.data, m.fsdp, m.seq, m.tensor]
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        sizes[sizes.index(-1)] = len(devices) // known if known and len(devices) % known == 0 else -1
-    if -1 in sizes or int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"config.mesh data x fsdp x seq x tensor = {m.data} x {m.fsdp} x {m.seq} x {m.tensor} "
-                         f"does not match the slice's {len(devices)} chips")
-    grid = mesh_utils.create_device_mesh(tuple(sizes), devices, allow_split_physical_axes=True)
+    try:
+        sizes = mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.seq, c.mesh.tensor, len(devices))
+    except ValueError as e:
+        raise ValueError(f"config.mesh does not match the slice's {len(devices)} chips: {e}") from None
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
     return make_mesh(*sizes, devices=grid.reshape(-1)), dict(zip(MESH_AXES, sizes))
 
 

@@ -4,6 +4,7 @@ temporaries), FLOPs, the largest buffers, and a projected throughput."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 
@@ -68,12 +69,16 @@ def largest_buffers(hlo_text: str, count: int = 5) -> list:
         _, dtype, dims = m.groups()
         if dtype not in _BYTES:
             continue
-        size = _BYTES[dtype]
-        for d in filter(None, dims.split(",")):
-            size *= int(d)
-        seen.setdefault((dtype, dims), [size, 0])[1] += 1
-    ranked = sorted(((size, f"{dtype}[{dims}] x{n}") for (dtype, dims), (size, n) in seen.items()), reverse=True)
-    return ranked[:count]
+        _count(seen, dtype, [int(d) for d in filter(None, dims.split(","))], _BYTES[dtype])
+    return _ranked(seen, count)
+
+
+def _count(seen: dict, dtype: str, shape: list, itemsize: int) -> None:
+    seen.setdefault((dtype, ",".join(map(str, shape))), [itemsize * math.prod(shape), 0])[1] += 1
+
+
+def _ranked(seen: dict, count: int) -> list:
+    return sorted(((size, f"{dtype}[{dims}] x{n}") for (dtype, dims), (size, n) in seen.items()), reverse=True)[:count]
 
 
 _MLIR_TENSOR = re.compile(r"tensor<((?:\d+x)+)(f32|bf16|f16|i32|i64|i8|i1)>")
@@ -84,13 +89,8 @@ def largest_tensors(mlir_text: str, count: int = 5) -> list:
     """The biggest tensor types in a lowered (not yet optimized) program, as (bytes, 'dtype[shape] xN')."""
     seen = {}
     for dims, dtype in _MLIR_TENSOR.findall(mlir_text):
-        shape = [int(d) for d in dims.rstrip("x").split("x")]
-        size = _MLIR_BYTES[dtype]
-        for d in shape:
-            size *= d
-        seen.setdefault((dtype, ",".join(map(str, shape))), [size, 0])[1] += 1
-    ranked = sorted(((size, f"{dtype}[{dims}] x{n}") for (dtype, dims), (size, n) in seen.items()), reverse=True)
-    return ranked[:count]
+        _count(seen, dtype, [int(d) for d in dims.rstrip("x").split("x")], _MLIR_BYTES[dtype])
+    return _ranked(seen, count)
 
 
 class OutOfMemory(Exception):

@@ -17,7 +17,6 @@ only, topped up with empty rows whose positions are all 0.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ from longrope_jax.loss import masked_nll, perplexity
 from longrope_jax.model import Llama, LlamaConfig
 from longrope_jax.rope import RopeScaling
 from longrope_jax.sharding.init import param_shardings
-from longrope_jax.sharding.mesh import batch_sharding
+from longrope_jax.sharding.mesh import axes_size, batch_sharding
 from longrope_jax.sharding.rules import DEFAULT_RULES
 
 ATTENTIONS = ("dense", "blockwise", "ring")
@@ -119,10 +118,7 @@ class WindowScorer:
         self.jitted = jax.jit(self._nll_sums, static_argnums=1)  # (params, scaling, tokens, positions, ...)
 
     def _axes_size(self, dim: int) -> int:
-        spec = tuple(self.sharding.spec) + (None, None)
-        axes = spec[dim]
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-        return math.prod(self.mesh.shape[a] for a in axes)
+        return axes_size(self.mesh, (tuple(self.sharding.spec) + (None, None))[dim])
 
     def check_length(self, length: int) -> None:
         """Length constraints of the sharding and the chunked kernels, named before anything compiles."""

@@ -21,13 +21,21 @@ def make_mesh(data: int = 1, fsdp: int = -1, seq: int = 1, tensor: int = 1, devi
     exactly the device count (a silent subset of the devices would be a surprise).
     Axis types are Auto: Flax's `with_logical_constraint` needs them (jax 0.10 defaults to Explicit).
     """
+    explicit = devices is not None
+    devices = list(np.asarray(devices, dtype=object).reshape(-1)) if explicit else jax.devices()
+    shape = mesh_shape(data, fsdp, seq, tensor, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if explicit:
+        return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+
+
+def mesh_shape(data: int, fsdp: int, seq: int, tensor: int, n: int) -> tuple[int, int, int, int]:
+    """(data, fsdp, seq, tensor) for `n` devices, one -1 inferred; errors show the arithmetic."""
     sizes = {"data": data, "fsdp": fsdp, "seq": seq, "tensor": tensor}
     for name, size in sizes.items():
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not (size == -1 or size >= 1):
             raise ValueError(f"make_mesh {name}={size!r}: expected a positive integer or -1 (infer)")
-    explicit = devices is not None
-    devices = list(np.asarray(devices, dtype=object).reshape(-1)) if explicit else jax.devices()
-    n = len(devices)
     desc = " x ".join(f"{k}={v}" for k, v in sizes.items())
     inferred = [k for k, v in sizes.items() if v == -1]
     if len(inferred) > 1:
@@ -39,11 +47,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, seq: int = 1, tensor: int = 1, devi
         sizes[inferred[0]] = n // known
     elif known != n:
         raise ValueError(f"make_mesh {desc} = {known} does not equal {n} devices")
-    shape = tuple(int(sizes[a]) for a in MESH_AXES)
-    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if explicit:
-        return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=auto)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+    return tuple(int(sizes[a]) for a in MESH_AXES)
 
 
 def axes_size(mesh: Mesh, axes) -> int:

@@ -193,6 +193,9 @@ def check_shapes(c: ml_collections.ConfigDict, mesh, model: LlamaConfig, vocab_s
             raise ValueError(
                 f"config.model.attention_chunk {model.attention_chunk} does not divide the per-device length {local}"
             )
+    local = t.seq_len // seq
+    if local > model.loss_chunk and local % model.loss_chunk:
+        raise ValueError(f"config.model.loss_chunk {model.loss_chunk} does not divide the per-device length {local}")
     if model.attention == "splash" and seq > 1:
         raise ValueError(f"config.model.attention 'splash' needs config.mesh.seq == 1, got {seq} (splash holds the "
                          "whole sequence on each device; use 'ring' to split it)")

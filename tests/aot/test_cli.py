@@ -77,6 +77,21 @@ def test_bad_input_exits_2_with_one_line(change, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_topology_is_required(capsys):
+    args = compile_args("dense", "train")
+    i = args.index("--topology")
+    assert cli.main(args[:i] + args[i + 2:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--topology is required" in err and len(err.splitlines()) == 1
+
+
+def test_missing_libtpu_is_one_line_naming_the_extra_and_exit_1(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "libtpu", None)
+    assert cli.main(compile_args("dense", "train")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "libtpu is not installed" in err and "pip install -e '.[tpu]'" in err and len(err.splitlines()) == 1
+
+
 def test_missing_libtpu_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu now raises ImportError
     with pytest.raises(topology.MissingLibtpu, match=r"pip install -e '\.\[tpu\]'"):

@@ -44,3 +44,11 @@ def test_cli_bad_input_exits_2_naming_the_value(tmp_path, kjv_dir, jax_model, ca
                    "--no-progress", *args])
     err = capsys.readouterr().err
     assert rc == 2 and "longrope-jax eval: error:" in err and message in err, err
+
+
+def test_evaluate_names_a_method_that_is_not_a_rope_scaling(kjv_dir, jax_model):
+    from longrope_jax.eval.evaluate import EvalSpec, evaluate
+
+    spec = EvalSpec(lengths=(32,), methods={"pi": "linear:4"}, data_dir=kjv_dir)
+    with pytest.raises(ValueError, match="method 'pi': expected a RopeScaling or None, got str"):
+        evaluate(f"jax:{jax_model}", spec)

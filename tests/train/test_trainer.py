@@ -153,6 +153,9 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, kjv_dir)
         (["--config.rope.type=longrope", "--config.rope.factors_file=MISSING.json"], "factors_file"),
         (["--config.rope.type=yarn"], "rope_scaling.factor: required"),
         (["--config.model.vocab_size=100"], "smaller than the tokenizer"),
+        (["--config.model.loss_chunk=0"], "LlamaConfig.loss_chunk: expected a positive integer"),
+        (["--config.model.loss_chunk=24"], "config.model.loss_chunk 24 does not divide the per-device length 256"),
+        (["--config.profile.steps=3,2"], "config.profile.steps '3,2': expected 'N,M'"),
     ],
 )
 def test_bad_configs_fail_before_compiling(tmp_path, override, match):
