@@ -74,7 +74,8 @@ def default_tokenizer(spec) -> str:
 def read_rope_scaling(path, what: str, original_length: int | None = None) -> dict:
     """The LongRoPE `rope_scaling` dict of a JSON file: a search's `rope_scaling.json`, or a HF config.json's
     `rope_parameters`/`rope_scaling` (whose top-level original_max_position_embeddings wins, as in HF).
-    A missing original length becomes `original_length` when given."""
+    A missing original length becomes `original_length` when given. Both factor lists pass `check_factors`
+    (finite, positive, non-decreasing); their count is checked against the model where it is used."""
     expected = "a 'longrope' rope_scaling with short_factor and long_factor"
     d = read_json_object(path, what, "a rope_scaling JSON object")
     if "rope_parameters" in d or "rope_scaling" in d:  # a HF config.json
@@ -90,6 +91,11 @@ def read_rope_scaling(path, what: str, original_length: int | None = None) -> di
         if key not in d:
             raise ValueError(f"{what}: {path} has no {key!r}; expected {expected}")
     d = {"rope_type": "longrope", **{k: v for k, v in d.items() if k not in ("type", "rope_type")}}
+    for key in ("short_factor", "long_factor"):
+        if not isinstance(d[key], list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in d[key]):
+            raise ValueError(f"{what}: {path}: {key} is {d[key]!r:.80}; expected a list of numbers")
+        check_factors(d[key], f"{what}: {path}: {key}")
     if original_length is not None:
         d.setdefault("original_max_position_embeddings", original_length)
     return d
@@ -120,11 +126,21 @@ def read_factors(path, d_half: int, monotone: bool = True, key: str | None = Non
             values = [float(v) for r in rows for v in r]
         except ValueError as e:
             raise ValueError(f"{what}: {e}; expected numbers") from None
+    return check_factors(values, what, d_half, monotone)
+
+
+def check_factors(values, what: str, d_half: int | None = None, monotone: bool = True) -> np.ndarray:
+    """The checks every LongRoPE factor list passes wherever it is read (factors files, rope_scaling JSON):
+    `d_half` values when given, finite and positive, and (with `monotone`) non-decreasing, as the search
+    produces them. A ValueError names `what` and the first bad factor."""
     lam = np.asarray(values, np.float64)
-    if lam.ndim != 1 or lam.size != d_half:
-        raise ValueError(f"{what}: has {lam.size} values; expected {d_half} (rotary_dim / 2)")
-    if not np.all(np.isfinite(lam)) or np.any(lam <= 0):
-        raise ValueError(f"{what}: expected finite positive factors, got {lam.tolist()}")
+    if lam.ndim != 1 or lam.size == 0 or (d_half is not None and lam.size != d_half):
+        raise ValueError(f"{what}: has {lam.size} values; expected "
+                         + (f"{d_half} (rotary_dim / 2 of this model)" if d_half else "a non-empty list"))
+    bad = ~np.isfinite(lam) | (lam <= 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{what}: factor {i} is {lam[i]}; expected finite positive factors")
     if monotone and np.any(np.diff(lam) < 0):
         i = int(np.argmax(np.diff(lam) < 0))
         raise ValueError(f"{what}: not monotone: factor {i + 1} ({lam[i + 1]}) < factor {i} "

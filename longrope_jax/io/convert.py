@@ -34,11 +34,14 @@ def register_cli(subparsers) -> None:
     j2h.set_defaults(func=_jax_to_hf_cli)
 
 
-def _check_paths(src, dst, overwrite: bool) -> None:
-    # Fail before the (possibly long) load, and never swap SRC away while reading it.
+def _check_paths(src, dst, overwrite: bool, tokenizer=None) -> dict:
+    """{what: path} that DST may not replace; fails before the (possibly long) load when DST is SRC or
+    may not be replaced (never swap SRC, a directory holding it, or the current directory away)."""
     if Path(src).resolve() == Path(dst).resolve():
         raise ConversionError(f"DST {dst}: is SRC; expected a different directory")
-    check_destination(Path(dst), overwrite)
+    protect = {"SRC": src, "--tokenizer": tokenizer}
+    check_destination(Path(dst), overwrite, protect)
+    return protect
 
 
 def param_count(params) -> int:
@@ -47,21 +50,21 @@ def param_count(params) -> int:
 
 def hf_to_jax(src, dst, dtype="float32", scan_layers: bool = False, overwrite: bool = False):
     """`load_hf` then `save_jax`; returns (config, params)."""
-    _check_paths(src, dst, overwrite)
+    protect = _check_paths(src, dst, overwrite)
     config, params = load_hf(src, dtype=dtype, scan_layers=scan_layers)
-    save_jax(config, params, dst, overwrite=overwrite)
+    save_jax(config, params, dst, overwrite=overwrite, protect=protect)
     return config, params
 
 
 def jax_to_hf(src, dst, dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, tokenizer_source=None, overwrite=False):
     """`load_jax` then `save_hf`; returns (config, params)."""
-    _check_paths(src, dst, overwrite)
+    protect = _check_paths(src, dst, overwrite, tokenizer_source)
     parse_size(max_shard_size)
     if tokenizer_source is not None:
         tokenizer_files(Path(tokenizer_source))
     config, params = load_jax(src)
     save_hf(config, params, dst, dtype=dtype, max_shard_size=max_shard_size,
-            tokenizer_source=tokenizer_source, overwrite=overwrite)
+            tokenizer_source=tokenizer_source, overwrite=overwrite, protect=protect)
     return config, params
 
 

@@ -1,5 +1,6 @@
-"""Atomic writes: a directory built in a temporary sibling then renamed into place; a file likewise.
-And reading a JSON object with errors that name the file and what it was for."""
+"""Atomic writes: a directory built in a temporary sibling then renamed into place; a file likewise. The
+rules for replacing a destination (`check_destination`), the two error kinds the CLI tells apart
+(`BadInput`, `RuntimeFailure`), and reading a JSON object with errors that name the file and its use."""
 
 from __future__ import annotations
 
@@ -11,17 +12,63 @@ import tempfile
 from pathlib import Path
 
 
-def check_destination(dst: Path, overwrite: bool) -> None:
-    """Fail early, before any work, when `dst` may not be (re)placed."""
-    if dst.exists() or dst.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"{dst}: already exists; pass overwrite=True (--overwrite) to replace it")
-        if not dst.is_dir() or dst.is_symlink():
-            raise FileExistsError(f"{dst}: exists and is not a directory; refusing to replace it")
+class BadInput(ValueError):
+    """Something the user gave is wrong (a key, file, tensor, value); the message names it. CLI exit 2."""
+
+
+class RuntimeFailure(RuntimeError):
+    """The inputs were fine but the run could not go on (e.g. no readable checkpoint). CLI exit 1."""
+
+
+def first_line(e: BaseException, limit: int = 240) -> str:
+    """The first non-blank line of the innermost cause of an exception, cut to `limit` characters: for
+    wrapping a library's many-line error into one line of ours (the innermost cause is usually the one that
+    says what was wrong, e.g. tensorstore's OUT_OF_RANGE under orbax's generic message)."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _resolved(p) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(p))))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_destination(dst: Path, overwrite: bool, protect: dict | None = None) -> None:
+    """Fail early, before any work, when `dst` may not be (re)placed.
+
+    An empty directory is written into without `overwrite` (as `save_pretrained` does). A non-empty one
+    needs `overwrite`, and even then is refused when it is, contains or lies inside a path in `protect`
+    ({what: path}, e.g. {"SRC": src}), or when it is or contains the current directory."""
+    dst = Path(dst)
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise FileExistsError(f"{dst}: exists and is not a directory; refusing to replace it")
+    if not dst.exists() or not any(dst.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{dst}: already exists and is not empty; pass overwrite=True (--overwrite) "
+                              "to replace it")
+    target = _resolved(dst)
+    for what, path in {**(protect or {}), "the current directory": os.getcwd()}.items():
+        if path is None or "://" in str(path):
+            continue
+        p = _resolved(path)
+        if _within(p, target) or (what != "the current directory" and _within(target, p)):
+            rel = "is" if p == target else ("contains" if _within(p, target) else "lies inside")
+            where = what if what == "the current directory" else f"{what} {path}"
+            raise FileExistsError(f"{dst}: {rel} {where}; refusing to replace it with --overwrite (that would "
+                                  "delete it); expected a destination apart from it")
 
 
 @contextlib.contextmanager
-def atomic_dir(dst: Path, overwrite: bool = False):
+def atomic_dir(dst: Path, overwrite: bool = False, protect: dict | None = None):
     """Yield an empty temporary directory next to `dst`; on success it becomes `dst`.
 
     On any error the temporary directory is removed and `dst` is left as it was. With `overwrite`,
@@ -29,20 +76,20 @@ def atomic_dir(dst: Path, overwrite: bool = False):
     moment either the old or the new directory is at `dst`.
     """
     dst = Path(dst)
-    check_destination(dst, overwrite)
+    check_destination(dst, overwrite, protect)
     dst.parent.mkdir(parents=True, exist_ok=True)
     # A sibling, so the final rename stays on one filesystem (and so is atomic).
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         yield tmp
-        _swap_into_place(tmp, dst, overwrite)
+        _swap_into_place(tmp, dst, overwrite, protect)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _swap_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
-    check_destination(dst, overwrite)  # again: dst may have appeared while we were writing
+def _swap_into_place(tmp: Path, dst: Path, overwrite: bool, protect: dict | None) -> None:
+    check_destination(dst, overwrite, protect)  # again: dst may have appeared while we were writing
     if not dst.exists():
         os.rename(tmp, dst)
         return

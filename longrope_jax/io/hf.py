@@ -264,14 +264,17 @@ def save_hf(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     tokenizer_source=None,
     overwrite: bool = False,
+    protect: dict | None = None,
 ) -> Path:
     """Write a HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     `params` may be scanned or unscanned (the tree decides, not `config.scan_layers`). `dtype=None`
-    keeps the params' dtype (they must all share one). Shards above `max_shard_size` bytes.
+    keeps the params' dtype (they must all share one). Shards above `max_shard_size` bytes. An empty
+    existing `path` is written into; a non-empty one needs `overwrite` and must not hold or lie inside
+    a path in `protect` ({what: path}; see `files.check_destination`).
     """
     dst = Path(path)
-    check_destination(dst, overwrite)
+    check_destination(dst, overwrite, protect)
     check_hf_can_run(config)
     flat = flatten_params(params)
     scanned = ("layers",) in {k[:1] for k in flat}
@@ -280,7 +283,7 @@ def save_hf(
     max_bytes = parse_size(max_shard_size)
     # Checked before the (long) write, so a typo costs nothing.
     tok_files = tokenizer_files(Path(tokenizer_source)) if tokenizer_source is not None else []
-    with atomic_dir(dst, overwrite) as tmp:
+    with atomic_dir(dst, overwrite, protect) as tmp:
         _write_weights(tmp, config, flat, scanned, dt, max_bytes, desc=f"writing {dst.name}")
         hf = {**config.to_hf(), "torch_dtype": dt.name, "dtype": dt.name}
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")

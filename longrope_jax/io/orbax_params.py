@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from longrope_jax.io.files import atomic_dir, check_destination, parse_json_object
+from longrope_jax.io.files import atomic_dir, check_destination, first_line, parse_json_object
 from longrope_jax.io.param_map import ConversionError, check_hf_can_run, check_param_tree, flatten_params, float_dtype
 from longrope_jax.model import LlamaConfig
 from longrope_jax.rope import RopeScaling
@@ -61,19 +61,20 @@ def config_from_json(text: str, source: str = JAX_CONFIG_FILE) -> LlamaConfig:
         raise ConversionError(f"{source}: {e}") from None
 
 
-def save_jax(config: LlamaConfig, params, path, overwrite: bool = False) -> Path:
+def save_jax(config: LlamaConfig, params, path, overwrite: bool = False, protect: dict | None = None) -> Path:
     """Orbax checkpoint of `params` in `path/params` plus `path/llama_config.json`.
 
-    The tree must match `config` (scanned exactly when `config.scan_layers`).
+    The tree must match `config` (scanned exactly when `config.scan_layers`). `path` follows the rules of
+    `files.check_destination` (an empty directory is written into; `protect` paths are never replaced).
     """
     import orbax.checkpoint as ocp  # here, not at the top: slow to import, and every CLI command loads us
 
     dst = Path(path)
-    check_destination(dst, overwrite)
+    check_destination(dst, overwrite, protect)
     check_hf_can_run(config)
     flat = flatten_params(params)
     check_param_tree(config, flat, config.scan_layers)
-    with atomic_dir(dst, overwrite) as tmp:
+    with atomic_dir(dst, overwrite, protect) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save((tmp / JAX_PARAMS_DIR).absolute(), traverse_util.unflatten_dict(flat))
             ckptr.wait_until_finished()
@@ -93,12 +94,20 @@ def load_jax(path, dtype=None) -> tuple[LlamaConfig, dict]:
     config = config_from_json(config_path.read_text(), str(config_path))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(params_path.absolute()).item_metadata
+        try:
+            meta = ckptr.metadata(params_path.absolute()).item_metadata
+        except Exception as e:  # noqa: BLE001 (orbax and tensorstore raise many kinds; all mean "unreadable")
+            raise ConversionError(f"{params_path}: unreadable Orbax metadata ({first_line(e)}); expected save_jax "
+                                  "output") from e
         if meta is None:
             raise ConversionError(f"{params_path}: holds no Orbax checkpoint metadata; expected save_jax output")
         # Restore onto one local device whatever sharding the writer had (it may have been a pod).
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta.tree)
-        params = ckptr.restore(params_path.absolute(), target)
+        try:
+            params = ckptr.restore(params_path.absolute(), target)
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"{params_path}: corrupt Orbax checkpoint, its arrays do not read back "
+                                  f"({first_line(e)}); expected complete save_jax output") from e
     check_param_tree(config, flatten_params(params), config.scan_layers)
     if dtype is not None:
         dt = float_dtype(dtype, "load_jax")
