@@ -104,7 +104,10 @@ def report_error(command: str, e: BaseException, debug: bool, out=None) -> int:
     code = classify(e)
     kind = "error" if code == EXIT_BAD_INPUT else "failed"
     hint = "" if debug or code == EXIT_BAD_INPUT else " (run with --debug for the traceback)"
-    print(f"longrope-jax {command}: {kind}: {error_message(e)}{hint}", file=out, flush=True)
+    text = error_message(e)
+    for prefix in {f"{command}: ", f"{command.split()[0]}: "}:  # a message that names its command already
+        text = text.removeprefix(prefix)
+    print(f"longrope-jax {command}: {kind}: {text}{hint}", file=out, flush=True)
     return code
 
 

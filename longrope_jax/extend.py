@@ -26,7 +26,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from longrope_jax.io.files import write_atomic
+from longrope_jax.io.files import first_line, write_atomic
 from longrope_jax.train import config as config_lib
 
 SEARCH_KEYS = ("population", "mutations", "crossovers", "iterations", "parents", "mutation_prob", "bound_scale",
@@ -76,6 +76,21 @@ class Pipeline:
             raise ValueError(f"config.stage1_length {c.stage1_length}: expected more than the original length "
                              f"{self.original}")
         self.tokenizer = c.tokenizer or None
+        self.finetune_config()  # a broken fine-tune config fails now, not after the first search
+
+    def finetune_config(self) -> ml_collections.ConfigDict:
+        """The trainer config of the fine-tune stage, numbers checked (`config.validate`)."""
+        c = self.c
+        t = config_lib.resolve(_load_config_file(c.finetune.config))
+        with t.unlocked():
+            config_lib.merge(t, c.finetune.overrides, "config.finetune.overrides")
+        t.init_from = c.model
+        t.model.max_position_embeddings = c.stage1_length
+        t.train.seq_len = c.stage1_length
+        t.rope.update(type="longrope", factors_file=str(self.workdir / "search_s1" / "rope_scaling.json"))
+        t.export_hf = True
+        config_lib.validate(t)
+        return t
 
     def stages(self):
         out = [("search_s1", self.search_s1), ("finetune", self.finetune), ("search_s2", self.search_s2)]
@@ -102,16 +117,7 @@ class Pipeline:
     def finetune(self):
         from longrope_jax.train import trainer as train_lib
 
-        c = self.c
-        t = config_lib.resolve(_load_config_file(c.finetune.config))
-        with t.unlocked():
-            config_lib.merge(t, c.finetune.overrides, "config.finetune.overrides")
-        t.init_from = c.model
-        t.model.max_position_embeddings = c.stage1_length
-        t.train.seq_len = c.stage1_length
-        t.rope.update(type="longrope", factors_file=str(self.workdir / "search_s1" / "rope_scaling.json"))
-        t.export_hf = True
-        summary = train_lib.train(t, self.workdir / "finetune")
+        summary = train_lib.train(self.finetune_config(), self.workdir / "finetune")
         return {"loss": (summary.get("last") or {}).get("loss")}
 
     def search_s2(self):
@@ -173,12 +179,15 @@ def _load_config_file(path: str) -> ml_collections.ConfigDict:
     import importlib.util
 
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config.finetune.config: {file} not found")
+    config_lib.check_config_file(file, "config.finetune.config")
     spec = importlib.util.spec_from_file_location(file.stem, file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        return module.get_config()
+    except Exception as e:  # noqa: BLE001 (whatever the file does wrong: name it)
+        raise ValueError(f"config.finetune.config {file}: get_config() failed ({type(e).__name__}: "
+                         f"{first_line(e)})") from None
 
 
 def extend(config, workdir) -> dict:
@@ -186,9 +195,10 @@ def extend(config, workdir) -> dict:
 
     c = resolve(config)
     workdir = Path(workdir)
+    pipeline = Pipeline(c, workdir)  # checks the model and the fine-tune config before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
     write_atomic(workdir / "extend_config.json", json.dumps(c.to_dict(), indent=1, default=str))
-    return Stages(workdir).run(Pipeline(c, workdir).stages())
+    return Stages(workdir).run(pipeline.stages())
 
 
 def register_cli(subparsers) -> None:

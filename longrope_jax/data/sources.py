@@ -15,6 +15,7 @@ without it the same files serve every split.
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
 import json
 import operator
@@ -90,13 +91,20 @@ class FileSource(Sequence[str]):
         self.pattern, self.text_key = pattern, text_key
         # (path, byte offset of the line) for jsonl documents, (path, -1) for whole .txt files.
         self._index: list[tuple[str, int]] = []
+        has_text = False
         for path in paths:
             if path.endswith(".txt"):
                 self._index.append((path, -1))
+                has_text = _check_txt(path) or has_text
             else:
-                self._index.extend((path, offset) for offset in _check_jsonl(path, text_key))
+                offsets, text = _check_jsonl(path, text_key)
+                self._index.extend((path, offset) for offset in offsets)
+                has_text = has_text or text
         if not self._index:
             raise ValueError(f"files:{pattern}: the matching files hold no document")
+        if not has_text:
+            raise ValueError(f"files:{pattern}: the {len(self._index)} matching document(s) are all empty (no "
+                             f"tokens to train or score on); expected text")
 
     def __len__(self) -> int:
         return len(self._index)
@@ -106,7 +114,11 @@ class FileSource(Sequence[str]):
             return [self[j] for j in range(*i.indices(len(self)))]
         path, offset = self._index[_check_index(i, len(self))]
         if offset < 0:
-            return Path(path).read_text(encoding="utf-8")
+            data = Path(path).read_bytes()
+            try:
+                return data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(_undecodable(path, e.start, e)) from None
         with open(path, "rb") as f:
             f.seek(offset)
             return json.loads(f.readline())[self.text_key]
@@ -115,24 +127,55 @@ class FileSource(Sequence[str]):
         return f"FileSource({self.pattern!r}, {len(self)} documents)"
 
 
-def _check_jsonl(path: str, text_key: str) -> list[int]:
-    """Byte offsets of the non-blank lines; every line must be an object with a string `text_key`."""
+def _undecodable(path: str, offset: int, e: UnicodeDecodeError) -> str:
+    return f"{path}: not UTF-8 text: byte {offset} ({e.object[e.start:e.start + 1]!r}: {e.reason}); expected UTF-8 text"
+
+
+def _check_txt(path: str, chunk: int = 1 << 20) -> bool:
+    """Whether a .txt file holds any non-blank text; a ValueError naming the file and the byte offset of the
+    first byte that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, has_text = 0, False
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(chunk)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last chunk, decoded with these
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise ValueError(_undecodable(path, offset - pending + e.start, e)) from None
+            has_text = has_text or bool(text.strip())
+            if not data:
+                return has_text
+            offset += len(data)
+
+
+def _check_jsonl(path: str, text_key: str) -> tuple[list[int], bool]:
+    """(byte offsets of the non-blank lines, whether any has non-blank text); every line must be an object
+    with a string `text_key`."""
     offsets = []
     offset = 0
+    has_text = False
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    record = json.loads(line)
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: " + _undecodable(path, offset + e.start, e).split(": ", 1)[1]
+                                     ) from None
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
                     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                     raise MissingKeyError(f"{path}:{line_no}: no string field {text_key!r} (found {keys}); "
                                    "set text_key to the field that holds the text")
                 offsets.append(offset)
+                has_text = has_text or bool(record[text_key].strip())
             offset += len(line)
-    return offsets
+    return offsets, has_text
 
 
 class TfdsSource(Sequence[str]):

@@ -173,3 +173,10 @@ def build_tokenizer(spec: str) -> Tokenizer:
     if kind == "sentencepiece" and path:
         return SentencePieceTokenizer(path)
     raise ValueError(f"tokenizer spec {spec!r}: expected 'byte', 'hf:PATH' or 'sentencepiece:PATH'")
+
+
+def check_fits(tokenizer: Tokenizer, vocab_size: int, spec: str, model: str) -> None:
+    """A ValueError when `tokenizer` can emit ids the model has no embedding for."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {spec}: has {tokenizer.vocab_size} ids but {model} has vocab_size {vocab_size}; "
+                         "expected a tokenizer no larger than the model's vocabulary (the model's own tokenizer?)")

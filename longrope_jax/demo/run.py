@@ -30,6 +30,8 @@ def run_demo(workdir, *, quick: bool = False, out=None) -> dict:
     from longrope_jax.demo import stages as demo_stages
 
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise FileExistsError(f"demo --workdir {workdir}: exists and is not a directory; expected a directory")
     workdir.mkdir(parents=True, exist_ok=True)
     plan = Plan.quick() if quick else Plan.full()
     saved = workdir / "plan.json"

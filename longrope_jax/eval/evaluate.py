@@ -16,7 +16,7 @@ from typing import Any
 
 from longrope_jax.data import passkey
 from longrope_jax.data.sources import open_source
-from longrope_jax.data.tokenizer import build_tokenizer
+from longrope_jax.data.tokenizer import build_tokenizer, check_fits
 from longrope_jax.eval.methods import hf_methods, parse_methods
 from longrope_jax.eval.passkey import depth_grid, evaluate_passkey
 from longrope_jax.eval.perplexity import ATTENTIONS, check_int, evaluate_perplexity, select_documents
@@ -93,6 +93,7 @@ def evaluate(model, spec: EvalSpec, workdir=None, *, progress: bool = False) -> 
         config, params = load_model(model, "--model")
         model_name, tokenizer = str(model), spec.tokenizer or default_tokenizer(model)
     tok = build_tokenizer(tokenizer)
+    check_fits(tok, config.vocab_size, tokenizer, f"--model {model_name}")
     scalings, specs = _resolve_methods(spec.methods, config, spec.original_length)
     passkey_scalings = scalings if spec.passkey_methods is None else _resolve_methods(
         spec.passkey_methods, config, spec.original_length)[0]
@@ -116,6 +117,7 @@ def evaluate(model, spec: EvalSpec, workdir=None, *, progress: bool = False) -> 
     if lengths:
         documents = select_documents(open_source(spec.data, spec.split, data_dir=spec.data_dir), tok, docs=spec.docs,
                                      min_tokens=min_tokens, max_tokens=spec.max_tokens)
+        check_lengths_fit(lengths, documents, spec)
         out["perplexity"] = evaluate_perplexity(
             config, params, documents, lengths=lengths, methods=scalings, stride=spec.stride, truncate=spec.truncate,
             bos_id=tok.bos_id, batch_size=spec.batch_size, attention=spec.attention,
@@ -127,6 +129,20 @@ def evaluate(model, spec: EvalSpec, workdir=None, *, progress: bool = False) -> 
                                           progress=progress)
         out["paths"] = save()
     return out
+
+
+def check_lengths_fit(lengths, documents, spec: EvalSpec) -> None:
+    """A window of length L holds BOS and L - 1 tokens: a length no selected document fills would score
+    shorter windows under L's column. A ValueError names the longest document."""
+    sizes = [len(d) for d in documents]
+    i = max(range(len(sizes)), key=sizes.__getitem__)
+    for n in sorted(lengths, reverse=True):
+        if n - 1 > sizes[i]:
+            cut = f", cut to --max-tokens {spec.max_tokens}" if spec.max_tokens == sizes[i] else ""
+            raise ValueError(
+                f"perplexity length {n}: longer than every selected document: the longest, document {i} of the "
+                f"{len(sizes)} selected from {spec.data} ({spec.split}), has {sizes[i]} tokens{cut}; expected lengths "
+                f"<= {sizes[i] + 1} (tokens + BOS), or longer documents (--min-tokens, --max-tokens, --data)")
 
 
 # ---- CLI ------------------------------------------------------------------------------------------

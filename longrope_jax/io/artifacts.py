@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from longrope_jax.io.files import parse_json, read_json_object
+from longrope_jax.io.files import parse_json, read_json_object, require_local
 from longrope_jax.io.hf import load_hf, read_hf_config
 from longrope_jax.io.orbax_params import JAX_CONFIG_FILE, config_from_json, load_jax
 from longrope_jax.model import LlamaConfig
@@ -36,18 +36,27 @@ def parse_model_spec(spec, what: str = "checkpoint") -> ModelSpec:
     kind, _, path = str(spec).partition(":")
     if kind not in MODEL_KINDS or not path:
         raise ValueError(f"{what} {spec!r}: expected 'hf:DIR' or 'jax:DIR'")
+    require_local(path, what)
     return ModelSpec(kind, Path(path))
 
 
 def load_model(spec, what: str = "checkpoint") -> tuple[LlamaConfig, dict]:
     """(LlamaConfig, params) of `hf:DIR` or `jax:DIR`."""
     m = parse_model_spec(spec, what)
+    _check_dir(m, what)
     return load_hf(m.path) if m.kind == "hf" else load_jax(m.path)
+
+
+def _check_dir(m: ModelSpec, what: str) -> None:
+    if not m.path.is_dir():
+        raise FileNotFoundError(f"{what} {m}: {m.path} is not a directory; expected a "
+                                + ("Hugging Face model directory" if m.kind == "hf" else "`convert hf-to-jax` directory"))
 
 
 def read_model_config(spec, what: str = "checkpoint") -> LlamaConfig:
     """The LlamaConfig of `hf:DIR` or `jax:DIR`, without reading the weights."""
     m = parse_model_spec(spec, what)
+    _check_dir(m, what)
     if m.kind == "hf":
         return read_hf_config(m.path)
     file = m.path / JAX_CONFIG_FILE

@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from longrope_jax.io.files import check_destination
+from longrope_jax.io.files import check_destination, require_local
 from longrope_jax.io.hf import DEFAULT_MAX_SHARD_SIZE, common_dtype, load_hf, parse_size, save_hf, tokenizer_files
 from longrope_jax.io.orbax_params import load_jax, save_jax
 from longrope_jax.io.param_map import ConversionError, flatten_params
@@ -37,6 +37,10 @@ def register_cli(subparsers) -> None:
 def _check_paths(src, dst, overwrite: bool, tokenizer=None) -> dict:
     """{what: path} that DST may not replace; fails before the (possibly long) load when DST is SRC or
     may not be replaced (never swap SRC, a directory holding it, or the current directory away)."""
+    require_local(src, "SRC")
+    require_local(dst, "DST")
+    if tokenizer is not None:
+        require_local(tokenizer, "--tokenizer")
     if Path(src).resolve() == Path(dst).resolve():
         raise ConversionError(f"DST {dst}: is SRC; expected a different directory")
     protect = {"SRC": src, "--tokenizer": tokenizer}

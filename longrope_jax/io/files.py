@@ -5,11 +5,15 @@ rules for replacing a destination (`check_destination`), the two error kinds the
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+_DISK_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES)
 
 
 class BadInput(ValueError):
@@ -31,6 +35,26 @@ def first_line(e: BaseException, limit: int = 240) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     text = lines[0] if lines else type(e).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def require_local(path, what: str) -> None:
+    """A BadInput when `path` is a URL (gs://...): this reader or writer works on local paths only."""
+    if "://" in str(path):
+        raise BadInput(f"{what} {path}: a remote path; expected a local directory (copy it down first, e.g. "
+                       "`gsutil -m cp -r`)")
+
+
+def check_remote_access(path, what: str) -> None:
+    """For paths read or written through etils.epath (train workdirs): a gs:// path whose filesystem
+    library is missing fails here, naming the path (a RuntimeFailure: the input is fine, the machine lacks gcsfs)."""
+    if "://" not in str(path):
+        return
+    from etils import epath
+
+    try:
+        epath.Path(path).exists()
+    except ImportError as e:
+        raise RuntimeFailure(f"{what} {path}: cannot reach it ({first_line(e)}; pip install gcsfs)") from None
 
 
 def _resolved(p) -> Path:
@@ -77,14 +101,22 @@ def atomic_dir(dst: Path, overwrite: bool = False, protect: dict | None = None):
     """
     dst = Path(dst)
     check_destination(dst, overwrite, protect)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling, so the final rename stays on one filesystem (and so is atomic).
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = None
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        # A sibling, so the final rename stays on one filesystem (and so is atomic).
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
         yield tmp
         _swap_into_place(tmp, dst, overwrite, protect)
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _DISK_ERRNOS:  # name the destination, not our temporary sibling
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(dst)) from e
+        raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

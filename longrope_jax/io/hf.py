@@ -32,6 +32,7 @@ from longrope_jax.io.param_map import (
     weight_specs,
 )
 from longrope_jax.model import LlamaConfig
+from longrope_jax.rope import RopeScaling
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -54,9 +55,26 @@ def read_hf_config(src: Path) -> LlamaConfig:
     path = src / CONFIG_FILE
     d = read_json_object(path, "", "a Hugging Face model directory with config.json", ConversionError)
     try:
-        return LlamaConfig.from_hf(d)
+        config = LlamaConfig.from_hf(d)
     except (ValueError, TypeError) as e:
         raise ConversionError(f"{path}: {e}") from None
+    params, legacy = d.get("rope_parameters"), d.get("rope_scaling")
+    if isinstance(params, dict) and isinstance(legacy, dict):  # both written: they must say the same
+        try:
+            same = RopeScaling.from_hf({k: v for k, v in params.items() if k != "rope_theta"}) == RopeScaling.from_hf(
+                {k: v for k, v in legacy.items() if k != "rope_theta"})
+        except ValueError:
+            same = False
+        if not same:
+            raise ConversionError(f"{path}: rope_parameters {params} and rope_scaling {legacy} disagree; expected "
+                                  "one of them, or both the same")
+    original = config.rope_scaling.original_max_position_embeddings
+    if original and original > config.max_position_embeddings:
+        raise ConversionError(
+            f"{path}: rope_scaling.original_max_position_embeddings {original} is more than max_position_embeddings "
+            f"{config.max_position_embeddings}; expected the extended context (max_position_embeddings) to be at "
+            "least the original one")
+    return config
 
 
 def _with_overrides(config: LlamaConfig, **overrides) -> LlamaConfig:

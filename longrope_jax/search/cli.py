@@ -149,7 +149,7 @@ def search(model: str, out_dir, *, target_length: int, original_length: int | No
     file, see `io.artifacts.read_factors`) adds a seed. `attention`/`attention_chunk` override the model's kernel
     (blockwise keeps long windows' memory at O(L x chunk) and is faster than dense on CPU)."""
     from longrope_jax.data.sources import open_source
-    from longrope_jax.data.tokenizer import build_tokenizer
+    from longrope_jax.data.tokenizer import build_tokenizer, check_fits
     from longrope_jax.search.fitness import PerplexityEvaluator, eval_windows
 
     model_cfg, params = load_model(model, "--model")
@@ -162,8 +162,9 @@ def search(model: str, out_dir, *, target_length: int, original_length: int | No
     d_half = model_cfg.rope_scaling.rotary_dim(model_cfg.head_dim) // 2
     extra = {} if init_factors is None else {"init": read_factors(init_factors, d_half)}
     tokenizer = tokenizer or default_tokenizer(model)
-    windows = eval_windows(open_source(data, split, data_dir=data_dir),
-                           build_tokenizer(tokenizer), config.window, config.docs)
+    tok = build_tokenizer(tokenizer)
+    check_fits(tok, model_cfg.vocab_size, tokenizer, f"--model {model}")
+    windows = eval_windows(open_source(data, split, data_dir=data_dir), tok, config.window, config.docs)
     evaluator = PerplexityEvaluator(model_cfg, params, windows, original_length=original, target_length=target_length,
                                     candidates_per_call=config.candidates_per_call,
                                     search_start_tokens=config.search_start_tokens, start_tokens=config.start_tokens)

@@ -124,8 +124,9 @@ def resolve(user: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict
     return c
 
 
-def rope_scaling(c: ml_collections.ConfigDict, current: RopeScaling) -> RopeScaling:
-    """The RopeScaling the `rope` section asks for (`keep`: the model's own)."""
+def rope_scaling(c: ml_collections.ConfigDict, current: RopeScaling, head_dim: int | None = None) -> RopeScaling:
+    """The RopeScaling the `rope` section asks for (`keep`: the model's own); checked against `head_dim`
+    when given (a factors file for another head size is named)."""
     r = c.rope
     if r.type == "keep":
         return current
@@ -146,9 +147,13 @@ def rope_scaling(c: ml_collections.ConfigDict, current: RopeScaling) -> RopeScal
             if key not in d and key in factors:
                 d[key] = factors[key]
     try:
-        return RopeScaling.from_hf(d)
+        scaling = RopeScaling.from_hf(d)
+        if head_dim is not None:
+            scaling.validate(head_dim)
     except ValueError as e:
-        raise ValueError(f"config.rope: {e}") from None
+        where = f"config.rope.factors_file {r.factors_file}" if r.type == "longrope" else "config.rope"
+        raise ValueError(f"{where}: {e}") from None
+    return scaling
 
 
 def model_config(c: ml_collections.ConfigDict, base: LlamaConfig | None = None) -> LlamaConfig:
@@ -163,9 +168,51 @@ def model_config(c: ml_collections.ConfigDict, base: LlamaConfig | None = None) 
             cfg = LlamaConfig(**m)
         else:
             cfg = LlamaConfig(**{**base.__dict__, **{k: m[k] for k in JAX_MODEL_FIELDS if k in m}})
-        return LlamaConfig(**{**cfg.__dict__, "rope_scaling": rope_scaling(c, cfg.rope_scaling)})
     except (ValueError, TypeError) as e:
         raise ValueError(f"config.model: {e}") from None
+    return LlamaConfig(**{**cfg.__dict__, "rope_scaling": rope_scaling(c, cfg.rope_scaling, cfg.head_dim)})
+
+
+# Every number `validate` checks: (section.key, lowest value) for integers, (section.key, low, high,
+# low bound open, high bound open) for floats.
+_INTS = (("train.steps", 1), ("train.batch_size", 1), ("train.seq_len", 2), ("train.grad_accum", 1),
+         ("train.seed", 0), ("train.max_consecutive_skips", 1), ("optimizer.warmup_steps", 0),
+         ("checkpoint.every_steps", 1), ("checkpoint.keep", 1), ("eval.every_steps", 0), ("eval.batches", 1),
+         ("eval.batch_size", 1), ("logging.every_steps", 0), ("data.min_doc_tokens", 0), ("data.shards", 0),
+         ("rope.original_max_position_embeddings", 0), ("rope.start_tokens", 0))
+_FLOATS = (("optimizer.lr", 0.0, None, True, False), ("optimizer.b1", 0.0, 1.0, False, True),
+           ("optimizer.b2", 0.0, 1.0, False, True), ("optimizer.eps", 0.0, None, True, False),
+           ("optimizer.end_lr_ratio", 0.0, 1.0, False, False), ("optimizer.weight_decay", 0.0, None, False, False),
+           ("optimizer.clip_norm", 0.0, None, False, False), ("data.passkey_fraction", 0.0, 1.0, False, True),
+           ("model.rope_theta", 0.0, None, True, False), ("model.rms_norm_eps", 0.0, None, True, False),
+           ("rope.factor", 0.0, None, False, False), ("rope.beta_fast", 0.0, None, False, False),
+           ("rope.beta_slow", 0.0, None, False, False), ("rope.attention_factor", 0.0, None, False, False),
+           ("rope.low_freq_factor", 0.0, None, False, False), ("rope.high_freq_factor", 0.0, None, False, False))
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Every number of a resolved training config is of its type, finite and in range; a ValueError names the
+    first one that is not. Runs before anything is written or compiled (check_shapes then checks how the
+    numbers fit the mesh and the model)."""
+    import math
+
+    def get(key):
+        section, name = key.split(".")
+        return c[section][name]
+
+    for key, low in _INTS:
+        v = get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise ValueError(f"config.{key}: {v!r}; expected {what}")
+    for key, low, high, low_open, high_open in _FLOATS:
+        v = get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"config.{key}: {v!r}; expected a finite number")
+        if (v < low or (low_open and v == low)) or (high is not None and (v > high or (high_open and v == high))):
+            lo, hi = ("(" if low_open else "[") + f"{low:g}", (f"{high:g}" if high is not None else "inf") + (
+                ")" if high_open or high is None else "]")
+            raise ValueError(f"config.{key}: {v!r}; expected a number in {lo}, {hi}")
 
 
 def check_shapes(c: ml_collections.ConfigDict, mesh, model: LlamaConfig, vocab_size: int) -> None:
@@ -207,10 +254,14 @@ def check_shapes(c: ml_collections.ConfigDict, mesh, model: LlamaConfig, vocab_s
 
 def parse_config_args(argv: list[str], command: str, string_flags: dict | None = None):
     """(locked ConfigDict, {flag: value}) from absl-style flags: `--config FILE [--config.a.b=value ...]` plus
-    the string flags named in `string_flags` ({name: help}); a missing --config or a bad override is a ValueError."""
+    the string flags named in `string_flags` ({name: help}). A missing or broken config file, a missing --config
+    or a bad override is a ValueError of one line naming the file (and line) or the flag."""
     from absl import flags
     from ml_collections import config_flags
 
+    file = _config_file_arg(argv)
+    if file is not None:
+        check_config_file(file, f"{command}: --config")
     fv = flags.FlagValues()
     full = [f"longrope-jax {command}", *argv]
     # config_flags looks for the --config.x overrides in sys_argv (sys.argv by default).
@@ -220,8 +271,58 @@ def parse_config_args(argv: list[str], command: str, string_flags: dict | None =
         flags.DEFINE_string(name, None, help_text, flag_values=fv)
     try:
         fv(full)
-    except (flags.Error, KeyError, AttributeError) as e:  # config_flags reports a bad override key as these
-        raise ValueError(f"{command}: {e}") from None
-    if fv.config is None:
+        config = fv.config
+    except (KeyError, AttributeError) as e:  # config_flags reports a bad override key as these
+        raise ValueError(f"{command}: {_override_key_error(e, argv)}") from None
+    except flags.Error as e:
+        raise ValueError(f"{command}: {_one_line(str(e))}") from None
+    except Exception as e:  # noqa: BLE001 (get_config() itself failed: name the file)
+        raise ValueError(f"{command}: --config {file}: get_config() failed ({type(e).__name__}: "
+                         f"{_one_line(str(e))})") from None
+    if config is None:
         raise ValueError(f"{command}: --config FILE is required")
-    return fv.config, {name: getattr(fv, name) for name in (string_flags or {})}
+    return config, {name: getattr(fv, name) for name in (string_flags or {})}
+
+
+def check_config_file(file, what: str) -> None:
+    """A config file exists and compiles; else a ValueError (FileNotFoundError) naming it and the line."""
+    import os
+
+    path = os.path.expanduser(str(file))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {file}: not found; expected a Python file with get_config()")
+    try:
+        with open(path, "rb") as f:
+            compile(f.read(), path, "exec")
+    except SyntaxError as e:
+        raise ValueError(f"{what} {file}:{e.lineno}: {e.msg}; expected a Python file with get_config()") from None
+    except ValueError as e:  # e.g. null bytes
+        raise ValueError(f"{what} {file}: not Python source ({e})") from None
+
+
+def _config_file_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(("--config=", "-config=")):
+            return a.partition("=")[2]
+    return None
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _override_key_error(e: BaseException, argv: list[str]) -> str:
+    """'--config.train.stpes: unknown key 'stpes' (Did you mean "steps" instead of "stpes"?)' from the
+    KeyError/AttributeError config_flags raises (whose text is a repr with newlines)."""
+    err = e
+    while err is not None and not (isinstance(err, KeyError) and err.args and isinstance(err.args[0], str)):
+        err = err.__cause__ or err.__context__
+    text = err.args[0] if err is not None else (e.args[0] if e.args else str(e))
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    key = lines[0].strip("'\"") if lines else "?"
+    hint = f" ({' '.join(lines[1:])})" if lines[1:] else ""
+    flag = next((a.partition("=")[0] for a in argv if a.startswith("--config.")
+                 and key in a.partition("=")[0].split(".")), None)
+    return f"{flag or '--config'}: unknown key {key!r}{hint}; expected a key of the config schema"

@@ -12,6 +12,7 @@ import functools
 import json
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from longrope_jax.data.loader import make_loader
 from longrope_jax.data.sources import open_source
 from longrope_jax.data.tokenizer import build_tokenizer
 from longrope_jax.io.artifacts import load_model, tokenizer_dir
+from longrope_jax.io.files import BadInput, check_remote_access, write_atomic
 from longrope_jax.io.hf import save_hf
 from longrope_jax.loss import perplexity
 from longrope_jax.model import Llama
@@ -92,7 +94,7 @@ class RowBlocks:
     def set_state(self, state: bytes) -> None:
         states = json.loads(state)
         if not set(map(str, self.loaders)) <= set(states):
-            raise ValueError(
+            raise BadInput(
                 f"checkpoint data state holds shards {sorted(states, key=int)} but this run reads shards "
                 f"{sorted(self.loaders)}: keep config.data.shards (and the process count) fixed across a resume"
             )
@@ -212,49 +214,61 @@ def train(config: ml_collections.ConfigDict | dict, workdir, *, stop_at: int | N
 
     `stop_at` stops after that step as a preemption would (checkpoint, then return): tests and
     schedulers use it to cut a run without changing its config (and so its schedule).
+
+    Nothing is written before the config, the model, the tokenizer and the data have been checked, and
+    `config.json` is written only once the first step has run: a run that fails earlier leaves the workdir
+    as it was (a workdir it created is removed again). Resuming falls back past unreadable checkpoints
+    (see `checkpoint.Checkpointer.restore_latest`).
     """
     c = config_lib.resolve(config)
+    config_lib.validate(c)
+    check_remote_access(workdir, "--workdir")
     workdir = epath.Path(workdir)  # local or gs:// (orbax, metrics and the DONE marker all go through epath)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.exists() and not workdir.is_dir():
+        raise FileExistsError(f"--workdir {workdir}: exists and is not a directory")
     initialize_distributed()
 
-    # Everything that can be wrong with the config fails here, before any compile.
+    # Everything that can be wrong with the config or the data fails here, before anything is written or compiled.
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.seq, c.mesh.tensor)
     rules = rules_from_config(c.mesh.rules.to_dict() if c.mesh.rules else None)
     tokenizer = build_tokenizer(c.data.tokenizer)
     base_cfg, init_params = load_model(c.init_from, "config.init_from") if c.init_from else (None, None)
     model_cfg = config_lib.model_config(c, base_cfg)
     config_lib.check_shapes(c, mesh, model_cfg, tokenizer.vocab_size)
-    profiler = StepProfiler(parse_steps(c.profile.steps), workdir / "profile")
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps({**c.to_dict(), "resolved_model": _model_json(model_cfg)},
-                                                        indent=2, default=str) + "\n")
-
-    model = Llama(model_cfg, mesh=mesh, rules=rules)
-    tx, lr_fn = optim.make_optimizer(c.optimizer, c.train.steps)
-    state, shardings = initial_state(model_cfg, mesh, rules, tx, c.train.seed, init_params)
-    del init_params
+    profile_steps = parse_steps(c.profile.steps)
     batches, to_global = make_batches(c, mesh, rules, tokenizer, "train", c.train.batch_size)
-    ckpt = Checkpointer(workdir / "checkpoints", every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep,
-                        async_save=c.checkpoint["async"])
-    start = ckpt.latest_step()
-    if start is not None:
-        state = ckpt.restore(start, abstract(state), batches)
-    start = int(start or 0)
+    if c.eval.every_steps:
+        open_source(c.data.source, "validation", data_dir=c.data.data_dir or None, text_key=c.data.text_key)
 
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, accum=c.train.grad_accum),
-                      in_shardings=(shardings, batch_sharding(mesh, rules)),
-                      out_shardings=(shardings, replicated), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model))
-    log = MetricsWriter(workdir, tensorboard=c.logging.tensorboard, progress=c.logging.progress,
-                        total_steps=c.train.steps, start_step=start)
-    if start:
-        log.message(f"resumed from step {start} in {ckpt.directory}")
-    preempt = _Preemption()
-    reporter = _Reporter(c, log, start)
-    summary = {"start_step": start, "workdir": str(workdir)}
+    created = jax.process_index() == 0 and "://" not in str(workdir) and not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = log = preempt = profiler = None
+    started = False
     try:
+        model = Llama(model_cfg, mesh=mesh, rules=rules)
+        tx, lr_fn = optim.make_optimizer(c.optimizer, c.train.steps)
+        state, shardings = initial_state(model_cfg, mesh, rules, tx, c.train.seed, init_params)
+        del init_params
+        ckpt = Checkpointer(workdir / "checkpoints", every_steps=c.checkpoint.every_steps, keep=c.checkpoint.keep,
+                            async_save=c.checkpoint["async"])
+        start, restored = ckpt.restore_latest(abstract(state), batches, warn=_warn)
+        if restored is not None:
+            state = restored
+        start = int(start or 0)
+
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, lr_fn=lr_fn, accum=c.train.grad_accum),
+                          in_shardings=(shardings, batch_sharding(mesh, rules)),
+                          out_shardings=(shardings, replicated), donate_argnums=0)
+        eval_fn = jax.jit(functools.partial(eval_step, model=model))
+        profiler = StepProfiler(profile_steps, workdir / "profile")
+        log = MetricsWriter(workdir, tensorboard=c.logging.tensorboard, progress=c.logging.progress,
+                            total_steps=c.train.steps, start_step=start)
+        if start:
+            log.message(f"resumed from step {start} in {ckpt.directory}")
+        preempt = _Preemption()
+        reporter = _Reporter(c, log, start)
+        summary = {"start_step": start, "workdir": str(workdir)}
         pending = None
         for step in range(start, c.train.steps):
             profiler.before(step + 1)
@@ -264,6 +278,9 @@ def train(config: ml_collections.ConfigDict | dict, workdir, *, stop_at: int | N
                 reporter(*pending)
             pending = (step + 1, metrics)
             done = step + 1
+            if not started:  # the config is trusted once a step has run with it
+                _write_config(c, model_cfg, workdir)
+                started = True
             if c.eval.every_steps and done % c.eval.every_steps == 0:
                 summary["eval"] = evaluate(c, state.params, eval_fn, mesh, rules, tokenizer)
                 log.write(done, summary["eval"], prefix="eval_")
@@ -283,11 +300,36 @@ def train(config: ml_collections.ConfigDict | dict, workdir, *, stop_at: int | N
         if jax.process_index() == 0:
             (workdir / DONE_FILE).write_text(f"{c.train.steps}\n")
         return {**summary, "stopped_at": c.train.steps, "preempted": False, "last": reporter.last}
+    except BaseException:
+        if created and not started and (ckpt is None or ckpt.latest_step() is None):
+            _close(profiler, preempt, ckpt, log)
+            ckpt = log = preempt = profiler = None
+            shutil.rmtree(workdir, ignore_errors=True)  # we made it, and it holds no result yet
+        raise
     finally:
-        profiler.close()
-        preempt.restore()
-        ckpt.close()
-        log.close()
+        _close(profiler, preempt, ckpt, log)
+
+
+def _warn(text: str) -> None:
+    if jax.process_index() == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _close(profiler, preempt, ckpt, log) -> None:
+    for closer in (profiler and profiler.close, preempt and preempt.restore, ckpt and ckpt.close,
+                   log and log.close):
+        if closer:
+            closer()
+
+
+def _write_config(c, model_cfg, workdir) -> None:
+    if jax.process_index() != 0:
+        return
+    text = json.dumps({**c.to_dict(), "resolved_model": _model_json(model_cfg)}, indent=2, default=str) + "\n"
+    if "://" in str(workdir):
+        (workdir / "config.json").write_text(text)  # object stores replace a file whole
+    else:
+        write_atomic(Path(workdir) / "config.json", text)
 
 
 def _save_now(ckpt, step, state, batches, c):
