@@ -84,8 +84,10 @@ class Checkpointer:
                 try:
                     return step, self.restore(step, abstract_state, loader)
                 except Exception as e:  # noqa: BLE001
-                    if bad := _bad_input_in(e):
+                    if bad := _in_chain(e, BadInput):
                         raise bad from e  # e.g. the data shards changed: the config's fault, not the step's
+                    if not _in_chain(e, (ValueError, OSError)):
+                        raise  # not a file that fails to read (tensorstore, json, the OS): a bug; keep the step
                     why = f"it does not read back ({first_line(e)})"
             moved = self.move_aside(step)
             warn(f"warning: checkpoint step {step} in {self.directory} is unusable: {why}; moved it to {moved.name} "
@@ -143,10 +145,11 @@ class Checkpointer:
         self.manager.close()
 
 
-def _bad_input_in(e: BaseException) -> BadInput | None:
+def _in_chain(e: BaseException, kinds) -> BaseException | None:
+    """The first exception of `kinds` in `e`'s cause/context chain, `e` included."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, BadInput):
+        if isinstance(e, kinds):
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__

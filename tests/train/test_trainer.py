@@ -66,9 +66,11 @@ def test_leftover_tmp_checkpoint_is_ignored(tmp_path, kjv_dir):
     junk.mkdir()
     (junk / "state").mkdir()
     (junk / "state" / "garbage").write_text("cut off mid-save")
+    (tmp_path / "checkpoints" / "10").mkdir()  # a stray empty step, newer than the real ones: moved aside
     summary = train(tiny_train_config(kjv_dir), tmp_path)
     assert summary["start_step"] == 4 and summary["stopped_at"] == 6
     assert not junk.exists()
+    assert (tmp_path / "checkpoints" / "corrupt-10").is_dir() and not (tmp_path / "checkpoints" / "10").exists()
 
 
 def test_restore_onto_a_different_mesh(tmp_path, kjv_dir):
@@ -156,6 +158,8 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, kjv_dir)
         (["--config.model.loss_chunk=0"], "LlamaConfig.loss_chunk: expected a positive integer"),
         (["--config.model.loss_chunk=24"], "config.model.loss_chunk 24 does not divide the per-device length 256"),
         (["--config.profile.steps=3,2"], "config.profile.steps '3,2': expected 'N,M'"),
+        (["--config.train.steps=-5"], "config.train.steps: -5; expected a positive integer"),
+        (["--config.optimizer.lr=nan"], "config.optimizer.lr: nan; expected a finite number"),
     ],
 )
 def test_bad_configs_fail_before_compiling(tmp_path, override, match):
@@ -163,4 +167,4 @@ def test_bad_configs_fail_before_compiling(tmp_path, override, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         config, workdir = parse_train_args(args)
         train(config, workdir)
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
