@@ -31,13 +31,18 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
-from longrope_jax.model import Llama, LlamaConfig, init_cache
+from longrope_jax import attention as attn_lib
+from longrope_jax.model import Llama, LlamaConfig, fit_length, init_cache
 from longrope_jax.rope import RopeScaling
+from longrope_jax.sharding.init import param_shardings
+from longrope_jax.sharding.rules import DEFAULT_RULES, sequence_rules
 
 
 def _check_int(name: str, v, low: int) -> int:
@@ -71,23 +76,92 @@ def _scaling(config: LlamaConfig, rope_scaling: RopeScaling | None) -> RopeScali
     return rope_scaling if rope_scaling is not None else config.rope_scaling
 
 
-def _forward(config, params, tokens_BxL, cache, scaling, logits_at, positions=None, segment_ids=None,
-             fresh: bool = False):
+def _forward(model, params, tokens_BxL, positions, segment_ids, cache, scaling, logits_at, fresh: bool = True):
     """Cached forward -> (logits [B, V] of token `logits_at`, new cache). `fresh`: the cache is empty and
     these tokens fill it from slot 0, attending to each other with the config's memory-efficient kernel."""
-    logits_Bx1xV, cache = Llama(config).apply(
+    logits_Bx1xV, cache = model.apply(
         {"params": params}, tokens_BxL, positions, segment_ids, scaling, cache=cache, logits_at=logits_at,
         fresh_cache=fresh,
     )
     return logits_Bx1xV[:, 0], cache
 
 
-def _prefill(config, params, prompts_BxT, max_len, scaling):
+def _models(config, mesh, rules, rows: int):
+    """(model for whole-buffer fills, model for one-token steps). On a mesh both split the cache's slots over
+    the axes the batch cannot use (`sequence_rules`); the fill splits its tokens the same way."""
+    if mesh is None:
+        return Llama(config), Llama(config)
+    rules = rules or DEFAULT_RULES
+    return (Llama(config, mesh=mesh, rules=sequence_rules(rules, mesh.shape, rows)),
+            Llama(config, mesh=mesh, rules=sequence_rules(rules, mesh.shape, rows, decode=True)))
+
+
+def fill_length(config: LlamaConfig, fill, length: int) -> int:
+    """Tokens a fill runs over: on a mesh `length` rounded up so that the ring gets the same whole number
+    of attention chunks (or at most one) on every device; the rest is padding (segment 0)."""
+    if fill.mesh is None:
+        return length
+    shards = attn_lib.seq_shards(fill.mesh, fill.rules)
+    unit = shards if -(-length // shards) <= config.attention_chunk else shards * config.attention_chunk
+    return -(-length // unit) * unit
+
+
+def cache_slots(config: LlamaConfig, prompt_len: int, max_len: int, rows: int, mesh=None, rules=None) -> int:
+    """Slots of the cache: `max_len`, on a mesh at least the prompt's fill and rounded up so that every
+    device holds the same number of slots."""
+    if mesh is None:
+        return max_len
+    fill = _models(config, mesh, rules, rows)[0]
+    shards = attn_lib.seq_shards(mesh, fill.rules)
+    slots = max(max_len, fill_length(config, fill, prompt_len))
+    return -(-slots // shards) * shards
+
+
+def _state_names(state):
+    names = {"k": ("layers", "batch", "cache_length", "kv_heads", "head_dim"), "index": ()}
+    names["v"] = names["k"]
+    cache = {k: names.get(k, ("batch", "cache_length")) for k in state["cache"]}
+    return {"cache": cache, "tokens": ("batch", "cache_length")}
+
+
+def generation_shardings(state, mesh, rules=None):
+    """NamedShardings of a generation state on `mesh` (what `prefill` returns and `decode_step` takes)."""
+    rows = state["tokens"].shape[0]
+    step_rules = sequence_rules(rules or DEFAULT_RULES, mesh.shape, rows, decode=True)
+    specs = jax.tree.map(lambda n: nn.logical_to_mesh_axes(n, step_rules), _state_names(state),
+                         is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _place(state, model):
+    """Pin the state's sharding (a no-op without a mesh), so prefill and decode agree on it."""
+    if model.mesh is None:
+        return state
+    return jax.tree.map(lambda x, n: nn.with_logical_constraint(x, n, rules=model.rules, mesh=model.mesh),
+                        state, _state_names(state), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _prefill(config, params, prompts_BxT, max_len, scaling, mesh=None, rules=None):
     b, t = prompts_BxT.shape
-    logits_BxV, cache = _forward(config, params, prompts_BxT, init_cache(config, b, max_len), scaling, t - 1,
-                                 fresh=True)
-    tokens_BxS = jnp.zeros((b, max_len), jnp.int32).at[:, :t].set(prompts_BxT)
-    return logits_BxV, {"cache": cache, "tokens": tokens_BxS}
+    fill, _ = _models(config, mesh, rules, b)
+    if mesh is None:
+        logits_BxV, cache = _forward(fill, params, prompts_BxT, None, None, init_cache(config, b, max_len), scaling,
+                                     t - 1)
+        tokens_BxS = jnp.zeros((b, max_len), jnp.int32).at[:, :t].set(prompts_BxT)
+        return logits_BxV, {"cache": cache, "tokens": tokens_BxS}
+    # On a mesh the prompt, padded to whole chunks per device (segment 0: unseen), fills the split buffer.
+    s, f = cache_slots(config, t, max_len, b, mesh, rules), fill_length(config, fill, t)
+    logits_BxV, cache = _forward(fill, params, *_padded_fill(prompts_BxT, t, f), init_cache(config, b, s), scaling, t - 1)
+    tokens_BxS = jnp.zeros((b, s), jnp.int32).at[:, :t].set(prompts_BxT)
+    return logits_BxV, _place({"cache": {**cache, "index": jnp.asarray(t, jnp.int32)}, "tokens": tokens_BxS}, fill)
+
+
+def _padded_fill(tokens_BxL, count, length):
+    """(tokens, positions, segment ids) of a fill over `length` slots of which the first `count` are real;
+    `count` may be traced. The rest sit at position 0 in segment 0, where no real token looks."""
+    tokens_BxF = fit_length(tokens_BxL, length)
+    valid_F = jnp.arange(length) < count
+    return tokens_BxF, jnp.where(valid_F, jnp.arange(length, dtype=jnp.int32), 0), valid_F.astype(jnp.int32)
 
 
 def _refill_needed(config: LlamaConfig, scaling: RopeScaling, pos):
@@ -96,60 +170,61 @@ def _refill_needed(config: LlamaConfig, scaling: RopeScaling, pos):
     return scaling.frequencies_change(pos, config.max_position_embeddings)
 
 
-def _decode(config, params, state, tok_B, scaling):
+def _decode(config, params, state, tok_B, scaling, mesh=None, rules=None):
     cache, tokens_BxS = state["cache"], state["tokens"]
+    fill, one = _models(config, mesh, rules, tok_B.shape[0])
     pos = cache["index"]
     tokens_BxS = lax.dynamic_update_slice_in_dim(tokens_BxS, tok_B[:, None], pos, axis=1)
 
     def step(cache):
-        return _forward(config, params, tok_B[:, None], cache, scaling, 0)
+        return _forward(one, params, tok_B[:, None], None, None, cache, scaling, 0, fresh=False)
 
     def refill(cache):
         # The whole buffer again from slot 0; unwritten slots are segment 0 at position 0.
-        s = tokens_BxS.shape[1]
-        valid_S = jnp.arange(s) <= pos
-        positions_S = jnp.where(valid_S, jnp.arange(s, dtype=jnp.int32), 0)
-        logits_BxV, cache = _forward(
-            config, params, tokens_BxS, {**cache, "index": jnp.zeros((), jnp.int32)}, scaling, pos,
-            positions_S, valid_S.astype(jnp.int32), fresh=True,
-        )
+        f = fill_length(config, fill, tokens_BxS.shape[1])
+        logits_BxV, cache = _forward(fill, params, *_padded_fill(tokens_BxS, pos + 1, f),
+                                     {**cache, "index": jnp.zeros((), jnp.int32)}, scaling, pos)
         return logits_BxV, {**cache, "index": pos + 1}
 
     needed = _refill_needed(config, scaling, pos)
     logits_BxV, cache = step(cache) if needed is None else lax.cond(needed, refill, step, cache)
-    return logits_BxV, {"cache": cache, "tokens": tokens_BxS}
+    return logits_BxV, _place({"cache": cache, "tokens": tokens_BxS}, one)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len", "scaling"))
-def prefill_jit(config, params, prompts_BxT, max_len, scaling):
-    return _prefill(config, params, prompts_BxT, max_len, scaling)
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "scaling", "mesh", "rules"))
+def prefill_jit(config, params, prompts_BxT, max_len, scaling, mesh=None, rules=None):
+    return _prefill(config, params, prompts_BxT, max_len, scaling, mesh, rules)
 
 
 # The old state is donated: the cache is updated in place rather than copied at every token.
-@functools.partial(jax.jit, static_argnames=("config", "scaling"), donate_argnames=("state",))
-def decode_jit(config, params, state, tok_B, scaling):
-    return _decode(config, params, state, tok_B, scaling)
+@functools.partial(jax.jit, static_argnames=("config", "scaling", "mesh", "rules"), donate_argnames=("state",))
+def decode_jit(config, params, state, tok_B, scaling, mesh=None, rules=None):
+    return _decode(config, params, state, tok_B, scaling, mesh, rules)
 
 
-def prefill(config: LlamaConfig, params, prompts_BxT, max_len: int, *, rope_scaling: RopeScaling | None = None):
+def prefill(config: LlamaConfig, params, prompts_BxT, max_len: int, *, rope_scaling: RopeScaling | None = None,
+            mesh=None, rules=None):
     """Run the prompt into a fresh cache of `max_len` slots -> (next-token logits [B, V] float32, state).
 
-    `state` is {"cache": model cache, "tokens": [B, max_len] tokens so far (for re-prefills)}.
+    `state` is {"cache": model cache, "tokens": [B, slots] tokens so far (for re-prefills)}. On a `mesh`
+    (params placed with `sharding.init.param_shardings`) the cache's slots are split over the devices the
+    batch leaves free and rounded up by `cache_slots`; pass the same mesh and rules to `decode_step`.
     """
     p = check_prompts(config, prompts_BxT)
     if _check_int("max_len", max_len, 1) < p.shape[1]:
         raise ValueError(f"max_len: expected at least the prompt length {p.shape[1]}, got {max_len}")
-    return prefill_jit(config, params, jnp.asarray(p), int(max_len), _scaling(config, rope_scaling))
+    return prefill_jit(config, params, jnp.asarray(p), int(max_len), _scaling(config, rope_scaling), mesh, rules)
 
 
-def decode_step(config: LlamaConfig, params, state: dict, tokens_B, *, rope_scaling: RopeScaling | None = None):
+def decode_step(config: LlamaConfig, params, state: dict, tokens_B, *, rope_scaling: RopeScaling | None = None,
+                mesh=None, rules=None):
     """Feed one token per row at the next position -> (next-token logits [B, V] float32, new state).
 
     Re-prefills the cache when the RoPE frequencies change (see the module docstring). `state` is
     donated (do not reuse it); feed no more tokens than the cache has slots.
     """
     tok_B = jnp.asarray(tokens_B, jnp.int32).reshape(-1)
-    return decode_jit(config, params, state, tok_B, _scaling(config, rope_scaling))
+    return decode_jit(config, params, state, tok_B, _scaling(config, rope_scaling), mesh, rules)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -178,7 +253,7 @@ _pick_jit = jax.jit(_pick, static_argnames=("greedy", "top_k", "use_top_p"))
 
 def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, rope_scaling: RopeScaling | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
-             eos_id: int | None = None) -> np.ndarray:
+             eos_id: int | None = None, mesh=None, rules=None) -> np.ndarray:
     """Continue each prompt (all of length T) by `max_new_tokens` tokens -> int32 [B, max_new_tokens].
 
     temperature 0 is greedy (top_k/top_p ignored); otherwise sample from softmax(logits / temperature)
@@ -186,7 +261,8 @@ def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, r
     same rng gives the same tokens). After `eos_id` a row keeps emitting `eos_id`.
     `rope_scaling` overrides the config's. The prefill compiles once per (config, scaling, B, T,
     max_new_tokens), the decode step once per (config, scaling, B, T + max_new_tokens); temperature and
-    top_p are traced, top_k is static.
+    top_p are traced, top_k is static. With a `mesh` the parameters are placed by their logical names and
+    the prompt and cache are split over the devices (see `prefill`).
     """
     p = check_prompts(config, prompts_BxT)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
@@ -212,6 +288,8 @@ def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, r
     elif not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.wrap_key_data(rng)  # a raw uint32 key from jax.random.PRNGKey
     scaling = _scaling(config, rope_scaling)
+    if mesh is not None:
+        params = jax.device_put(params, param_shardings(config, mesh, rules or DEFAULT_RULES))
     pick = functools.partial(
         _pick_jit, temperature=jnp.float32(temperature or 1.0), top_p=jnp.float32(top_p or 1.0), greedy=greedy,
         top_k=None if greedy else top_k, use_top_p=not greedy and top_p is not None and top_p < 1,
@@ -220,7 +298,7 @@ def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, r
     out_BxN = np.full((b, max_new_tokens), 0 if eos_id is None else eos_id, np.int32)
     done_B = np.zeros((b,), bool)
     # A jitted step called from Python: compiled once, shared with prefill/decode_step.
-    logits_BxV, state = prefill_jit(config, params, jnp.asarray(p), t + max_new_tokens - 1, scaling)
+    logits_BxV, state = prefill_jit(config, params, jnp.asarray(p), t + max_new_tokens - 1, scaling, mesh, rules)
     for i in range(max_new_tokens):
         tok_B = np.asarray(pick(logits_BxV, jax.random.fold_in(rng, i)))
         out_BxN[:, i] = np.where(done_B, out_BxN[:, i], tok_B)
@@ -229,7 +307,7 @@ def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, r
             if done_B.all():
                 break
         if i + 1 < max_new_tokens:
-            logits_BxV, state = decode_jit(config, params, state, jnp.asarray(out_BxN[:, i]), scaling)
+            logits_BxV, state = decode_jit(config, params, state, jnp.asarray(out_BxN[:, i]), scaling, mesh, rules)
     return out_BxN
 
 

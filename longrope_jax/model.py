@@ -245,8 +245,8 @@ class Attention(nn.Module):
             o_BxLxHxD = self._attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, positions_BxL, segment_ids_BxL)
         else:
             # Decoding: dense over the cache; the mask (positions, segments) hides empty slots.
-            k_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(kv["k"], k_BxLxKxD.astype(kv["k"].dtype), kv_index, axis=1)
-            v_BxSxKxD = jax.lax.dynamic_update_slice_in_dim(kv["v"], v_BxLxKxD.astype(kv["v"].dtype), kv_index, axis=1)
+            fresh = kv_mask_BxLxS is None
+            k_BxSxKxD, v_BxSxKxD = (self._write(kv[n], x, kv_index, fresh) for n, x in (("k", k_BxLxKxD), ("v", v_BxLxKxD)))
             if kv_mask_BxLxS is None:
                 o_BxLxHxD = self._fill_kernel(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, positions_BxL, segment_ids_BxL)
             else:
@@ -261,11 +261,30 @@ class Attention(nn.Module):
         return out_BxLxE, {"k": k_BxSxKxD, "v": v_BxSxKxD}
 
 
+    def _write(self, buffer_BxSxKxD, new_BxLxKxD, index, fresh: bool):
+        """The cache buffer with the new keys (or values) at slots [index, index + L). A `fresh` fill starts
+        at slot 0 of an empty buffer; its tokens may run past the buffer only with padding (segment 0)."""
+        new_BxLxKxD = new_BxLxKxD.astype(buffer_BxSxKxD.dtype)
+        names = ("batch", "cache_length", "kv_heads", "head_dim")
+        if fresh:
+            return _constrain(self, fit_length(new_BxLxKxD, buffer_BxSxKxD.shape[1]), names)
+        if self.mesh is None:
+            return jax.lax.dynamic_update_slice_in_dim(buffer_BxSxKxD, new_BxLxKxD, index, axis=1)
+        # On a mesh the slots are split over devices: a select keeps every shard in place, where a
+        # dynamic_update_slice at a traced slot would gather the buffer.
+        slots_S = jnp.arange(buffer_BxSxKxD.shape[1])
+        hit_S = (slots_S >= index) & (slots_S < index + new_BxLxKxD.shape[1])
+        picked = jnp.take(new_BxLxKxD, jnp.clip(slots_S - index, 0, new_BxLxKxD.shape[1] - 1), axis=1)
+        return _constrain(self, jnp.where(hit_S[None, :, None, None], picked, buffer_BxSxKxD), names)
+
     def _fill_kernel(self, q, k, v, positions, segment_ids):
-        """A prefill's attention: blockwise (O(L x chunk)) unless the config is dense or the length does not
-        split into chunks; the cache path has no mesh, so ring and splash fall back to blockwise too."""
+        """A prefill's attention: the ring when the mesh splits the sequence; else blockwise (O(L x chunk))
+        unless the config is dense or the length does not split into chunks."""
         cfg = self.config
         length, chunk = q.shape[1], cfg.attention_chunk
+        if attn_lib.seq_shards(self.mesh, rules_of(self)) > 1:
+            return attn_lib.ring_attention(q, k, v, positions, segment_ids, mesh=self.mesh, rules=rules_of(self),
+                                           chunk=chunk, sliding_window=cfg.sliding_window)
         if cfg.attention == "dense" or (length > chunk and length % chunk):
             mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
             return attn_lib.dense_attention(q, k, v, mask)
@@ -455,8 +474,13 @@ class Llama(nn.Module):
         cfg = self.config
         _, _, positions_BxL, segment_ids_BxL = args
         index = cache["index"]
-        k_pos_BxS = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions_BxL, index, axis=1)
-        k_seg_BxS = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids_BxL, index, axis=1)
+        def write(buffer_BxS, new_BxL):
+            if fresh:
+                return fit_length(new_BxL, buffer_BxS.shape[1])
+            return jax.lax.dynamic_update_slice_in_dim(buffer_BxS, new_BxL, index, axis=1)
+
+        k_pos_BxS, k_seg_BxS = (_constrain(self, write(cache[n], x), ("batch", "cache_length"))
+                                for n, x in (("positions", positions_BxL), ("segment_ids", segment_ids_BxL)))
         mask_BxLxS = None if fresh else attn_lib.attention_mask(positions_BxL, k_pos_BxS, segment_ids_BxL, k_seg_BxS,
                                                                 cfg.sliding_window)
         kv = {"k": cache["k"], "v": cache["v"]}  # [layers, B, S, K, D] each
@@ -477,6 +501,13 @@ class Llama(nn.Module):
             kv = jax.tree.map(lambda *a: jnp.stack(a), *layers)
         length = positions_BxL.shape[1]
         return x_BxLxE, {**kv, "positions": k_pos_BxS, "segment_ids": k_seg_BxS, "index": index + length}
+
+
+def fit_length(x, length: int):
+    """`x` cut or zero-padded along axis 1 to `length` (a fill's tokens against its cache's slots)."""
+    if x.shape[1] >= length:
+        return x[:, :length]
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int) -> dict:

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from longrope_jax.aot.flops import forward_flops, train_flops
 from longrope_jax.eval.perplexity import WindowScorer
-from longrope_jax.generate import decode_jit, prefill_jit
+from longrope_jax.generate import cache_slots, decode_jit, generation_shardings, prefill_jit
 from longrope_jax.model import Llama, LlamaConfig
 from longrope_jax.search.fitness import PerplexityEvaluator
 from longrope_jax.sharding.init import param_shardings
@@ -103,39 +103,49 @@ def perplexity_program(c, model_cfg: LlamaConfig, mesh: Mesh, rules) -> Program:
 
 
 def search_program(c, model_cfg: LlamaConfig, mesh: Mesh, rules, *, docs: int = 5, candidates: int = 4) -> Program:
-    """The LongRoPE search evaluator at the config's length: `candidates` factor vectors over `docs` windows."""
-    params, _ = abstract_params(model_cfg, mesh, rules)
+    """The LongRoPE search evaluator at the config's length: `candidates` factor vectors over `docs` windows,
+    each pair one sequence split over the whole mesh."""
     length = c.train.seq_len
-    if model_cfg.attention in ("ring", "splash"):  # the evaluator's model takes no mesh: one device's kernel
-        model_cfg = dataclasses.replace(model_cfg, attention="blockwise")
     original = model_cfg.rope_scaling.original_max_position_embeddings or max(length // 2, 1)
     evaluator = PerplexityEvaluator(model_cfg, None, None, original_length=original, target_length=length,
-                                    candidates_per_call=candidates)
-    d_half = evaluator.d_half
-    args = (params, jax.ShapeDtypeStruct((candidates, d_half), jnp.float32),
-            jax.ShapeDtypeStruct((candidates,), jnp.int32), jax.ShapeDtypeStruct((docs, length), jnp.int32))
+                                    candidates_per_call=candidates, mesh=mesh, rules=rules)
+    evaluator.check_length(length)
+    params, _ = abstract_params(model_cfg, mesh, evaluator.model.rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    args = (params, jax.ShapeDtypeStruct((candidates, evaluator.d_half), jnp.float32, sharding=replicated),
+            jax.ShapeDtypeStruct((candidates,), jnp.int32, sharding=replicated),
+            jax.ShapeDtypeStruct((docs, length), jnp.int32, sharding=replicated))
     tokens = candidates * docs * length
     return Program("search", evaluator.jitted, args, tokens, forward_flops(model_cfg, tokens, length),
-                   f"{candidates} candidates x {docs} windows x {length}, attention {model_cfg.attention}")
+                   f"{candidates} candidates x {docs} windows x {length}, attention {evaluator.model.config.attention}")
+
+
+def _generation_args(c, model_cfg, mesh, rules, new_tokens):
+    params, _ = abstract_params(model_cfg, mesh, rules)
+    prompt = jax.ShapeDtypeStruct((1, c.train.seq_len), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    return params, prompt, c.train.seq_len + new_tokens - 1
 
 
 def prefill_program(c, model_cfg: LlamaConfig, mesh: Mesh, rules, *, new_tokens: int = 16) -> Program:
-    """One prompt of the config's length into a KV cache with room for `new_tokens` more."""
-    params, _ = abstract_params(model_cfg, mesh, rules)
-    prompt = jax.ShapeDtypeStruct((1, c.train.seq_len), jnp.int32)
-    args = (model_cfg, params, prompt, c.train.seq_len + new_tokens, model_cfg.rope_scaling)
-    return Program("prefill", prefill_jit, args, c.train.seq_len, forward_flops(model_cfg, c.train.seq_len,
-                   c.train.seq_len), f"1 x {c.train.seq_len} prompt")
+    """One prompt of the config's length into a KV cache with room for `new_tokens` more, split over the mesh."""
+    params, prompt, max_len = _generation_args(c, model_cfg, mesh, rules, new_tokens)
+    args = (model_cfg, params, prompt, max_len, model_cfg.rope_scaling, mesh, rules)
+    slots = cache_slots(model_cfg, c.train.seq_len, max_len, 1, mesh, rules)
+    return Program("prefill", prefill_jit, args, c.train.seq_len, forward_flops(model_cfg, c.train.seq_len, c.train.seq_len),
+                   f"1 x {c.train.seq_len} prompt, cache of {slots} split over the mesh")
 
 
 def decode_program(c, model_cfg: LlamaConfig, mesh: Mesh, rules, *, new_tokens: int = 16) -> Program:
     """One decode step with the cache the prefill leaves."""
-    prefill = prefill_program(c, model_cfg, mesh, rules, new_tokens=new_tokens)
-    _, state = jax.eval_shape(functools.partial(prefill_jit, model_cfg, max_len=prefill.args[3],
-                                                scaling=model_cfg.rope_scaling), prefill.args[1], prefill.args[2])
-    args = (model_cfg, prefill.args[1], state, jax.ShapeDtypeStruct((1,), jnp.int32), model_cfg.rope_scaling)
-    flops = forward_flops(model_cfg, 1, prefill.args[3], causal=False)
-    return Program("decode", decode_jit, args, 1, flops, f"1 token, cache of {prefill.args[3]}")
+    params, prompt, max_len = _generation_args(c, model_cfg, mesh, rules, new_tokens)
+    _, state = jax.eval_shape(functools.partial(prefill_jit, model_cfg, max_len=max_len, scaling=model_cfg.rope_scaling,
+                                                mesh=mesh, rules=rules), params, prompt)
+    state = _sds(state, generation_shardings(state, mesh, rules))
+    token = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    args = (model_cfg, params, state, token, model_cfg.rope_scaling, mesh, rules)
+    slots = state["tokens"].shape[1]
+    return Program("decode", decode_jit, args, 1, forward_flops(model_cfg, 1, slots, causal=False),
+                   f"1 token, cache of {slots} split over the mesh")
 
 
 BUILDERS = {"train": train_program, "eval": eval_program, "perplexity": perplexity_program,

@@ -1,4 +1,5 @@
-"""Ring attention (sequence parallel): `shard_map` over the mesh axis that `length` maps to.
+"""Ring attention (sequence parallel): `shard_map` over the mesh axes that `length` maps to (one axis, or
+several taken as one ring in the order given, e.g. ('fsdp', 'seq') for a single long prompt).
 
 Each device keeps its query chunk; K/V chunks (unrepeated GQA heads, with their positions and
 segment ids) travel the ring with `lax.ppermute` and are folded in with the blockwise kernel. The
@@ -8,6 +9,7 @@ backward pass runs a second ring in which dK/dV travel with their K/V and arrive
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -63,12 +65,17 @@ def _ring_bwd(axis, n, chunk, window, res, do):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def seq_shards(mesh, rules) -> int:
-    """Size of the mesh axis that the logical `length` axis maps to (1 without a mesh)."""
+def _length_axes(mesh, rules) -> tuple:
     axis = partition_spec(("length",), rules)[0]
-    if mesh is None or not isinstance(axis, str) or axis not in mesh.shape:
-        return 1
-    return mesh.shape[axis]
+    axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    if mesh is None or not all(a in mesh.shape for a in axes):
+        return ()
+    return axes
+
+
+def seq_shards(mesh, rules) -> int:
+    """How many pieces the logical `length` axis is split into on `mesh` (1 without a mesh)."""
+    return math.prod(mesh.shape[a] for a in _length_axes(mesh, rules))
 
 
 def ring_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, positions_BxL, segment_ids_BxL, *, mesh, rules,
@@ -80,14 +87,15 @@ def ring_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, positions_BxL, segment_ids_B
     spec_q = partition_spec(("batch", "length", "heads", "head_dim"), rules)
     spec_kv = partition_spec(("batch", "length", "kv_heads", "head_dim"), rules)
     spec_bl = partition_spec(("batch", "length"), rules)
-    axis = spec_q[1]
-    if mesh is None or not isinstance(axis, str) or axis not in mesh.shape:
+    axes = _length_axes(mesh, rules)
+    if not axes:
         raise ValueError(
-            "attention='ring' needs a mesh and logical rules that map 'length' to one mesh axis "
+            "attention='ring' needs a mesh and logical rules that map 'length' to mesh axes "
             f"(e.g. ('length', 'seq')); got mesh axes {None if mesh is None else dict(mesh.shape)} and "
-            f"'length' -> {axis!r}"
+            f"'length' -> {spec_q[1]!r}"
         )
-    n = mesh.shape[axis]
+    axis = axes[0] if len(axes) == 1 else axes
+    n = seq_shards(mesh, rules)
     kv = k_BxSxKxD.shape[2]
 
     def local(q, k, v, pos, seg):

@@ -8,6 +8,7 @@ sees the same keys.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -49,11 +50,12 @@ def score_passkey(completions, keys) -> list:
 
 def evaluate_passkey(config: LlamaConfig, params, tokenizer, *, lengths, depths=5, trials: int = 10, methods=None,
                      seed: int = 0, max_new_tokens: int = PASSKEY_NEW_TOKENS, samples: int = 3,
-                     progress: bool = False, generate_fn=None) -> list:
+                     progress: bool = False, generate_fn=None, mesh=None, rules=None) -> list:
     """Rows {method, length, depth, trials, correct, accuracy, samples} for every method x length x depth.
 
     The trials of a cell go through one greedy `generate` call; the completion is decoded up to EOS.
-    `generate_fn` stands in for `generate.generate` (same signature).
+    `generate_fn` stands in for `generate.generate` (same signature). On a `mesh` each prompt and its KV
+    cache are split over the devices (see `generate.prefill`), so 128k prompts fit a slice.
     """
     if generate_fn is None:
         from longrope_jax.generate import generate as generate_fn
@@ -64,12 +66,18 @@ def evaluate_passkey(config: LlamaConfig, params, tokenizer, *, lengths, depths=
         raise ValueError(f"passkey prompts: token ids reach {top}; expected ids below the model's vocab_size "
                          f"{config.vocab_size} (wrong tokenizer?)")
     eos = tokenizer.eos_id
+    placement = {} if mesh is None else {"mesh": mesh, "rules": rules}
+    if mesh is not None:  # placed once, not at every call
+        from longrope_jax.sharding.init import param_shardings
+        from longrope_jax.sharding.rules import DEFAULT_RULES
+
+        params = jax.device_put(params, param_shardings(config, mesh, rules or DEFAULT_RULES))
     rows = []
     with tqdm(total=len(methods) * len(cells), desc="passkey", disable=not progress) as bar:
         for name, scaling in methods.items():
             for length, depth, keys, prompts in cells:
                 out = np.asarray(generate_fn(config, params, prompts, max_new_tokens, rope_scaling=scaling,
-                                             temperature=0.0, eos_id=eos))
+                                             temperature=0.0, eos_id=eos, **placement))
                 completions = [tokenizer.decode(_until(row, eos)) for row in out]
                 hits = score_passkey(completions, keys)
                 shown = [{"key": int(k), "completion": c} for k, c in zip(keys[:samples], completions)]

@@ -7,6 +7,8 @@ windows' tokens (every window has the same length, so this is also the mean of p
 `PerplexityEvaluator` compiles the model once for the whole search: λ and n̂ are traced inputs, several
 candidates go through one call with `jax.vmap`, and the windows and parameters sit on the device from
 the start. `traces` counts how often the jitted function was traced (1 after any number of calls).
+On a mesh each (candidate, window) pair is one sequence split over every device (`sequence_rules`),
+attended with the ring, one pair after another; the parameters stay sharded by their logical names.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longrope_jax import attention as attn_lib
 from longrope_jax.loss import perplexity, sum_nll
 from longrope_jax.model import Llama, LlamaConfig
 from longrope_jax.rope import RopeScaling
+from longrope_jax.sharding.init import param_shardings
+from longrope_jax.sharding.rules import DEFAULT_RULES, sequence_rules
 
 
 def eval_windows(documents, tokenizer, length: int, count: int) -> np.ndarray:
@@ -53,7 +58,8 @@ class PerplexityEvaluator:
     """
 
     def __init__(self, config: LlamaConfig, params, windows_NxL, *, original_length: int, target_length: int,
-                 candidates_per_call: int = 4, search_start_tokens: bool = False, start_tokens: int = 0):
+                 candidates_per_call: int = 4, search_start_tokens: bool = False, start_tokens: int = 0,
+                 mesh=None, rules=None):
         if isinstance(candidates_per_call, bool) or not isinstance(candidates_per_call, int) or candidates_per_call < 1:
             raise ValueError(f"candidates_per_call: expected a positive integer, got {candidates_per_call!r}")
         self.config = config
@@ -67,6 +73,11 @@ class PerplexityEvaluator:
             partial_rotary_factor=config.rope_scaling.partial_rotary_factor,
         )
         self.traces = 0
+        self.mesh, self.model = mesh, Llama(config)
+        if mesh is not None:
+            self.model = Llama(config, mesh=mesh, rules=sequence_rules(rules or DEFAULT_RULES, mesh.shape, 1))
+            if attn_lib.seq_shards(mesh, self.model.rules) > 1:
+                self.model = self.model.clone(config=dataclasses.replace(config, attention="ring"))
         self.jitted = jax.jit(self._nll_sums)  # (params, factors_CxD, start_tokens_C, windows_NxL) -> [N, C]
         if windows_NxL is None:  # ahead-of-time compiles use `jitted` alone
             self.windows = self.params = None
@@ -77,12 +88,21 @@ class PerplexityEvaluator:
         if windows.min() < 0 or windows.max() >= config.vocab_size:
             raise ValueError(f"eval windows: token ids span {windows.min()}..{windows.max()}; expected ids below the "
                              f"model's vocab_size {config.vocab_size} (wrong tokenizer?)")
+        self.check_length(windows.shape[1])
         self.windows = jax.device_put(jnp.asarray(windows, jnp.int32))  # once: every call reuses them
-        self.params = jax.device_put(params)
+        self.params = jax.device_put(params, None if mesh is None else param_shardings(config, mesh, self.model.rules))
+
+    def check_length(self, length: int) -> None:
+        """On a mesh the ring needs whole attention chunks on every device."""
+        shards = attn_lib.seq_shards(self.mesh, self.model.rules) if self.mesh is not None else 1
+        local, chunk = -(-length // shards), self.config.attention_chunk
+        if length % shards or (local > chunk and local % chunk):
+            raise ValueError(f"search length {length}: on this mesh it is split into {shards} pieces, each of "
+                             f"which must be a whole number of attention chunks ({chunk}) or at most one")
 
     def _nll_sums(self, params, factors_CxD, start_tokens_C, windows_NxL):
         self.traces += 1  # runs only while tracing: counts compilations
-        model = Llama(self.config)
+        model = self.model
 
         def window_nll(factors_D, start_tokens, window_L):
             n_hat = start_tokens if self.search_start_tokens else self.base.start_tokens
@@ -92,8 +112,11 @@ class PerplexityEvaluator:
                      "segment_ids": jnp.ones_like(tokens_1xL)}
             return sum_nll(model, params, batch, rope_scaling=scaling)[0]
 
-        per_candidate = jax.vmap(window_nll, in_axes=(0, 0, None))
-        # One window at a time keeps memory at C x L x V logits however many documents there are.
+        if self.mesh is None:
+            per_candidate = jax.vmap(window_nll, in_axes=(0, 0, None))
+        else:  # each pair is already spread over the whole mesh
+            per_candidate = lambda f_CxD, s_C, w: jax.lax.map(lambda fs: window_nll(*fs, w), (f_CxD, s_C))
+        # One window at a time keeps memory at one window's activations however many documents there are.
         return jax.lax.map(lambda w: per_candidate(factors_CxD, start_tokens_C, w), windows_NxL)  # [N, C]
 
     def __call__(self, factors_CxD, start_tokens_C=None) -> np.ndarray:

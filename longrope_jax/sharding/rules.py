@@ -80,3 +80,29 @@ def partition_spec(logical_names, rules) -> PartitionSpec:
     """The mesh PartitionSpec that `rules` give an array with these logical axis names."""
     spec = nn.logical_to_mesh_axes(logical_names, rules)
     return PartitionSpec(*spec) if spec is not None else PartitionSpec(*([None] * len(logical_names)))
+
+
+def _axes_tuple(value) -> tuple:
+    return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+
+
+def sequence_rules(rules, mesh_shape, rows: int, *, decode: bool = False) -> tuple:
+    """Rules for a few long sequences (generation, one-window scoring) on a training mesh.
+
+    The batch keeps only the mesh axes (of its rule, in order) that its `rows` divide; the axes it frees
+    join the sequence, so a single 128k prompt on fsdp x seq is split over every chip rather than
+    replicated over fsdp. `cache_length` (the KV cache's slots) is split the same way. `decode=True`
+    is for one-token steps: the new tokens' `length` is not split, only the cache is.
+    """
+    keep, size = [], 1
+    batch_axes = _axes_tuple(partition_spec(("batch",), rules)[0])
+    for axis in batch_axes:
+        n = mesh_shape.get(axis, 1)
+        if rows % (size * n) == 0:
+            keep.append(axis)
+            size *= n
+    freed = [a for a in batch_axes if a not in keep]
+    wanted = set(freed) | set(_axes_tuple(partition_spec(("length",), rules)[0]))
+    seq = tuple(a for a in MESH_AXES if a in wanted and mesh_shape.get(a, 1) > 1) or None
+    overrides = {"batch": tuple(keep) or None, "length": None if decode else seq, "cache_length": seq}
+    return rules_from_config(overrides, base=rules)

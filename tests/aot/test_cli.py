@@ -39,7 +39,7 @@ def rows_of(out: str) -> dict:
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_tiny_model_compiles_for_a_tpu_slice_with_every_kernel(kernel, capsys):
-    programs = "train,perplexity,prefill,decode" if kernel == "dense" else "train"
+    programs = {"dense": "train,perplexity,prefill,decode", "ring_zigzag": "train,search,prefill,decode"}.get(kernel, "train")
     assert cli.main(compile_args(kernel, programs)) == 0
     rows = rows_of(capsys.readouterr().out)
     assert sorted(rows) == sorted(programs.split(","))

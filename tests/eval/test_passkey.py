@@ -77,3 +77,16 @@ def test_passkey_with_the_real_generator_returns_well_formed_rows(model):
         assert set(r) == {"method", "length", "depth", "trials", "correct", "accuracy", "samples"}
         assert r["trials"] == 2 and 0 <= r["correct"] <= 2 and r["accuracy"] == r["correct"] / 2
         assert all(isinstance(s["completion"], str) and 1 <= s["key"] <= 50000 for s in r["samples"])
+
+
+def test_passkey_on_a_mesh_gives_the_one_device_completions(model):
+    """Prompts and KV caches split over 8 devices (the ring fills them): the same rows, completions included."""
+    import dataclasses
+
+    from longrope_jax.sharding.mesh import make_mesh
+
+    cfg, params = model
+    cfg = dataclasses.replace(cfg, attention="blockwise", attention_chunk=32)
+    kw = dict(lengths=[300], depths=2, trials=2)
+    one = evaluate_passkey(cfg, params, ByteTokenizer(), **kw)
+    assert evaluate_passkey(cfg, params, ByteTokenizer(), mesh=make_mesh(fsdp=2, seq=4), **kw) == one

@@ -10,6 +10,7 @@ from longrope_jax.data.sources import open_source
 from longrope_jax.data.tokenizer import build_tokenizer
 from longrope_jax.model import Llama
 from longrope_jax.rope import START_TOKEN_CHOICES, RopeScaling
+from longrope_jax.search.fitness import PerplexityEvaluator
 from tests.nll_reference import next_token_mask64, perplexity64
 from tests.search.tiny_search import (
     D_HALF,
@@ -51,3 +52,19 @@ def test_model_compiles_once_for_many_candidates(evaluator):
         ppl = evaluator(lam, rng.choice(START_TOKEN_CHOICES, count))
         assert ppl.shape == (count,) and np.all(np.isfinite(ppl))
     assert evaluator.traces == 1 and before <= 1
+
+
+def test_evaluator_on_a_mesh_equals_one_device(model, windows, evaluator):
+    """On 8 devices each (candidate, window) pair is split over the whole mesh and attended with the ring."""
+    from longrope_jax.sharding.mesh import make_mesh
+
+    cfg, params = model
+    sharded = PerplexityEvaluator(dataclasses.replace(cfg, attention="blockwise", attention_chunk=32), params, windows,
+                                  original_length=ORIG, target_length=TARGET, candidates_per_call=2,
+                                  search_start_tokens=True, mesh=make_mesh(fsdp=2, seq=4))
+    assert sharded.model.config.attention == "ring"
+    lams = np.stack([np.full(D_HALF, 4.0), np.linspace(1.0, 5.0, D_HALF), np.linspace(1.0, 2.0, D_HALF)])
+    n_hats = np.asarray([0, 0, 8])
+    np.testing.assert_allclose(sharded(lams, n_hats), evaluator(lams, n_hats), rtol=2e-5)
+    with pytest.raises(ValueError, match="search length 260: on this mesh it is split into 8 pieces"):
+        sharded.check_length(260)
