@@ -35,7 +35,8 @@ class EvalSpec:
     model's own)}; None is the model's own RoPE, named `model`. `passkey_methods` defaults to `methods`.
     Documents: the first `docs` (None: all) of `data`'s `split` with at least `min_tokens` (default: the
     longest length) tokens, each cut to `max_tokens`. `tokenizer` defaults to the model directory's.
-    `mesh_shape` (data, fsdp, seq, tensor) runs perplexity under a mesh. `trained_length` marks the
+    `mesh_shape` (data, fsdp, seq, tensor) runs perplexity and passkey under a mesh (passkey prompts and
+    their KV caches split over the devices the batch leaves free). `trained_length` marks the
     plot (default: the model's max_position_embeddings).
     """
 
@@ -126,7 +127,7 @@ def evaluate(model, spec: EvalSpec, workdir=None, *, progress: bool = False) -> 
     if passkey_lengths:
         out["passkey"] = evaluate_passkey(config, params, tok, lengths=passkey_lengths, depths=spec.passkey_depths,
                                           trials=spec.passkey_trials, methods=passkey_scalings, seed=spec.seed,
-                                          progress=progress)
+                                          mesh=mesh, progress=progress)
         out["paths"] = save()
     return out
 
@@ -176,8 +177,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--passkey-trials", type=int, default=10, help="trials per length x depth cell")
     p.add_argument("--attention", default="dense", choices=ATTENTIONS, help="perplexity kernel")
     p.add_argument("--attention-chunk", type=int, default=None, help="blockwise/ring chunk (default: the model's)")
-    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,SEQ,TENSOR", help="device mesh for perplexity, "
-                                                                                  "e.g. 1,1,8,1 (one size may be -1)")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,SEQ,TENSOR", help="device mesh for perplexity "
+                   "and passkey, e.g. 1,1,8,1 (one size may be -1)")
     p.add_argument("--seed", type=int, default=0, help="passkey keys")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval_cli)
