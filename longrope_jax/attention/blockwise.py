@@ -36,25 +36,38 @@ def _unchunk(x, axis: int = 1):
     return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
-def _scores(q_c, k_c, scale):
-    return jnp.einsum("bqkgd,bskd->bkgqs", q_c, k_c, preferred_element_type=jnp.float32) * scale
+def _scaled(q, scale):
+    """q * scale when q is float32 (then scores need no extra pass); else q unchanged (scale the scores)."""
+    return (q * scale, 1.0) if q.dtype == jnp.float32 else (q, scale)
+
+
+def _heads_first(x):
+    """[B, L, K, G, D] -> [B, K, G, L, D]: per kv head, rows (g, l) feed one batched matmul per block."""
+    return jnp.moveaxis(x, 1, 3)
+
+
+def _heads_last(x):
+    return jnp.moveaxis(x, 3, 1)
 
 
 def fwd_block(q, k, v, qpos, kpos, qseg, kseg, acc, *, chunk, window):
     """Fold one K/V block into the running (o, m, l) of every query; O(chunk^2) scores at a time.
 
     q [B,Q,K,G,D]; k, v [B,S,K,D]; acc = (o [B,Q,K,G,D] f32, m [B,K,G,Q] f32, l [B,K,G,Q] f32).
+    Inside, queries are [B,K,G,cq,D] and keys [B,K,ck,D], so every matmul is a dot batched over (B, K)
+    with its contraction on the minor dimension: XLA:CPU then needs no transpose per block.
     """
     cq, ck = chunk_size(q.shape[1], chunk), chunk_size(k.shape[1], chunk)
-    scale = q.shape[-1] ** -0.5
     # Tie the mask inputs to q. Differentiating an enclosing scan (nn.scan over layers) makes JAX hoist
     # the loop-invariant part of its body, and the mask/where work below depends only on positions and
     # segment ids: hoisted through these nested scans it is materialised for every chunk pair,
     # [nq, nk, B, K, G, cq, ck] pred and f32 buffers, i.e. O(heads * L^2). The barrier makes it
     # depend on q, so it stays inside the loops.
     q, qpos, kpos, qseg, kseg = lax.optimization_barrier((q, qpos, kpos, qseg, kseg))
+    q, s_scale = _scaled(q, q.shape[-1] ** -0.5)
     o, m, l = acc
-    kv_xs = (_chunks(k, ck), _chunks(v, ck), _chunks(kpos, ck), _chunks(kseg, ck))
+    kv_xs = (_chunks(jnp.moveaxis(k, 1, 2), ck, 2), _chunks(jnp.moveaxis(v, 1, 2), ck, 2),
+             _chunks(kpos, ck), _chunks(kseg, ck))
 
     def q_step(_, xs):
         q_c, qpos_c, qseg_c, o_c, m_c, l_c = xs
@@ -65,31 +78,35 @@ def fwd_block(q, k, v, qpos, kpos, qseg, kseg, acc, *, chunk, window):
 
             def compute(carry):
                 o_c, m_c, l_c = carry
-                s = jnp.where(mask, _scores(q_c, k_c, scale), NEG)
+                s = jnp.einsum("bkgqd,bksd->bkgqs", q_c, k_c, preferred_element_type=jnp.float32)
+                if s_scale != 1.0:
+                    s = s * s_scale
+                s = jnp.where(mask, s, NEG)
                 m_new = jnp.maximum(m_c, s.max(-1))
                 p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
                 corr = jnp.exp(m_c - m_new)
                 l_c = l_c * corr + p.sum(-1)
-                pv = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
-                o_c = o_c * jnp.moveaxis(corr, -1, 1)[..., None] + pv
-                return o_c, m_new, l_c
+                pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v_c.dtype), v_c, preferred_element_type=jnp.float32)
+                return o_c * corr[..., None] + pv, m_new, l_c
 
             return lax.cond(mask.any(), compute, lambda c: c, carry), None
 
         out, _ = lax.scan(k_step, (o_c, m_c, l_c), kv_xs)
         return None, out
 
-    q_xs = (_chunks(q, cq), _chunks(qpos, cq), _chunks(qseg, cq), _chunks(o, cq), _chunks(m, cq, 3), _chunks(l, cq, 3))
+    q_xs = (_chunks(_heads_first(q), cq, 3), _chunks(qpos, cq), _chunks(qseg, cq),
+            _chunks(_heads_first(o), cq, 3), _chunks(m, cq, 3), _chunks(l, cq, 3))
     _, (o, m, l) = lax.scan(q_step, None, q_xs)
-    return _unchunk(o), _unchunk(m, 3), _unchunk(l, 3)
+    return _heads_last(_unchunk(o, 3)), _unchunk(m, 3), _unchunk(l, 3)
 
 
 def bwd_block(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, chunk, window):
     """Gradients from one K/V block: (dq [B,Q,K,G,D], dk [B,S,K,D], dv [B,S,K,D]), all f32."""
     cq, ck = chunk_size(q.shape[1], chunk), chunk_size(k.shape[1], chunk)
     scale = q.shape[-1] ** -0.5
-    q_xs = (_chunks(q, cq), _chunks(do, cq), _chunks(lse, cq, 3), _chunks(delta, cq, 3),
-            _chunks(qpos, cq), _chunks(qseg, cq))
+    q, s_scale = _scaled(q, scale)
+    q_xs = (_chunks(_heads_first(q), cq, 3), _chunks(_heads_first(do), cq, 3), _chunks(lse, cq, 3),
+            _chunks(delta, cq, 3), _chunks(qpos, cq), _chunks(qseg, cq))
 
     def k_step(dq, ys):
         k_c, v_c, kpos_c, kseg_c = ys
@@ -100,13 +117,20 @@ def bwd_block(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, chunk, window)
 
             def compute(carry):
                 dk_c, dv_c = carry
-                s = _scores(q_c, k_c, scale)
+                s = jnp.einsum("bkgqd,bksd->bkgqs", q_c, k_c, preferred_element_type=jnp.float32)
+                if s_scale != 1.0:
+                    s = s * s_scale
                 p = jnp.where(mask, jnp.exp(s - lse_c[..., None]), 0.0)
-                dv_c = dv_c + jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do_c.dtype), do_c, preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_c, v_c, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_c[..., None]) * scale
-                dq_c = jnp.einsum("bkgqs,bskd->bqkgd", ds.astype(k_c.dtype), k_c, preferred_element_type=jnp.float32)
-                dk_c = dk_c + jnp.einsum("bkgqs,bqkgd->bskd", ds.astype(q_c.dtype), q_c, preferred_element_type=jnp.float32)
+                dv_c = dv_c + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_c.dtype), do_c,
+                                         preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bkgqd,bksd->bkgqs", do_c, v_c, preferred_element_type=jnp.float32)
+                ds = p * (dp - delta_c[..., None])
+                if s_scale != 1.0:
+                    ds = ds * s_scale
+                # dq = scale * ds k; dk = scale * ds^T q = ds^T (scale q), with q already scaled when f32.
+                dq_c = jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(k_c.dtype), k_c, preferred_element_type=jnp.float32)
+                dk_c = dk_c + jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(q_c.dtype), q_c,
+                                         preferred_element_type=jnp.float32)
                 return (dk_c, dv_c), dq_c
 
             def skip(carry):
@@ -116,11 +140,15 @@ def bwd_block(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, chunk, window)
 
         zeros = jnp.zeros(k_c.shape, jnp.float32)
         (dk_c, dv_c), dq_parts = lax.scan(q_step, (zeros, zeros), q_xs)
-        return dq + _unchunk(dq_parts), (dk_c, dv_c)
+        return dq + _unchunk(dq_parts, 3), (dk_c, dv_c)
 
-    kv_xs = (_chunks(k, ck), _chunks(v, ck), _chunks(kpos, ck), _chunks(kseg, ck))
-    dq, (dk, dv) = lax.scan(k_step, jnp.zeros(q.shape, jnp.float32), kv_xs)
-    return dq, _unchunk(dk), _unchunk(dv)
+    kv_xs = (_chunks(jnp.moveaxis(k, 1, 2), ck, 2), _chunks(jnp.moveaxis(v, 1, 2), ck, 2),
+             _chunks(kpos, ck), _chunks(kseg, ck))
+    b, q_len, kvh, g, d = q.shape
+    dq, (dk, dv) = lax.scan(k_step, jnp.zeros((b, kvh, g, q_len, d), jnp.float32), kv_xs)
+    if s_scale == 1.0:
+        dq = dq * scale
+    return _heads_last(dq), jnp.moveaxis(_unchunk(dk, 2), 1, 2), jnp.moveaxis(_unchunk(dv, 2), 1, 2)
 
 
 def init_acc(q):
