@@ -50,6 +50,25 @@ def _heads_last(x):
     return jnp.moveaxis(x, 3, 1)
 
 
+def _keys_t(k):
+    """[B, S, K, D] -> [B, K, D, S]: the right operand of q k^T as a plain [D, S] matrix per head."""
+    return jnp.transpose(k, (0, 2, 3, 1))
+
+
+def _queries_t(q):
+    """[B, Q, K, G, D] -> [B, K, D, G, Q]."""
+    return jnp.transpose(q, (0, 2, 4, 3, 1))
+
+
+def _mask_t(qpos, kpos, qseg, kseg, window):
+    """`attention_mask` transposed, [B, S, Q], built in that order (the rule is the same)."""
+    qp, kp = qpos[:, None, :], kpos[:, :, None]
+    mask = (kseg[:, :, None] == qseg[:, None, :]) & (kp <= qp)
+    if window is not None:
+        mask &= qp - kp < window
+    return mask
+
+
 def fwd_block(q, k, v, qpos, kpos, qseg, kseg, acc, *, chunk, window):
     """Fold one K/V block into the running (o, m, l) of every query; O(chunk^2) scores at a time.
 
@@ -66,8 +85,7 @@ def fwd_block(q, k, v, qpos, kpos, qseg, kseg, acc, *, chunk, window):
     q, qpos, kpos, qseg, kseg = lax.optimization_barrier((q, qpos, kpos, qseg, kseg))
     q, s_scale = _scaled(q, q.shape[-1] ** -0.5)
     o, m, l = acc
-    kv_xs = (_chunks(jnp.moveaxis(k, 1, 2), ck, 2), _chunks(jnp.moveaxis(v, 1, 2), ck, 2),
-             _chunks(kpos, ck), _chunks(kseg, ck))
+    kv_xs = (_chunks(_keys_t(k), ck, 3), _chunks(jnp.moveaxis(v, 1, 2), ck, 2), _chunks(kpos, ck), _chunks(kseg, ck))
 
     def q_step(_, xs):
         q_c, qpos_c, qseg_c, o_c, m_c, l_c = xs
@@ -78,7 +96,7 @@ def fwd_block(q, k, v, qpos, kpos, qseg, kseg, acc, *, chunk, window):
 
             def compute(carry):
                 o_c, m_c, l_c = carry
-                s = jnp.einsum("bkgqd,bksd->bkgqs", q_c, k_c, preferred_element_type=jnp.float32)
+                s = jnp.einsum("bkgqd,bkds->bkgqs", q_c, k_c, preferred_element_type=jnp.float32)
                 if s_scale != 1.0:
                     s = s * s_scale
                 s = jnp.where(mask, s, NEG)
@@ -101,54 +119,60 @@ def fwd_block(q, k, v, qpos, kpos, qseg, kseg, acc, *, chunk, window):
 
 
 def bwd_block(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, chunk, window):
-    """Gradients from one K/V block: (dq [B,Q,K,G,D], dk [B,S,K,D], dv [B,S,K,D]), all f32."""
+    """Gradients from one K/V block: (dq [B,Q,K,G,D], dk [B,S,K,D], dv [B,S,K,D]), all f32.
+
+    Works on transposed scores [B,K,ck,G,cq] (keys as rows) with q, dO and k also held transposed, so
+    all five matmuls per block are plain [m,k] x [k,n] dots batched over (B, K): no per-block transpose
+    of a [chunk, chunk] matrix, which XLA:CPU would otherwise copy before every dk/dv/dq dot.
+    """
     cq, ck = chunk_size(q.shape[1], chunk), chunk_size(k.shape[1], chunk)
     scale = q.shape[-1] ** -0.5
     q, s_scale = _scaled(q, scale)
-    q_xs = (_chunks(_heads_first(q), cq, 3), _chunks(_heads_first(do), cq, 3), _chunks(lse, cq, 3),
-            _chunks(delta, cq, 3), _chunks(qpos, cq), _chunks(qseg, cq))
+    q_xs = (_chunks(_heads_first(q), cq, 3), _chunks(_queries_t(q), cq, 4), _chunks(_heads_first(do), cq, 3),
+            _chunks(_queries_t(do), cq, 4), _chunks(lse, cq, 3), _chunks(delta, cq, 3),
+            _chunks(qpos, cq), _chunks(qseg, cq))
 
     def k_step(dq, ys):
-        k_c, v_c, kpos_c, kseg_c = ys
+        k_c, kt_c, v_c, kpos_c, kseg_c = ys
 
         def q_step(carry, xs):
-            q_c, do_c, lse_c, delta_c, qpos_c, qseg_c = xs
-            mask = attention_mask(qpos_c, kpos_c, qseg_c, kseg_c, window)[:, None, None]
+            q_c, qt_c, do_c, dot_c, lse_c, delta_c, qpos_c, qseg_c = xs
+            mask = _mask_t(qpos_c, kpos_c, qseg_c, kseg_c, window)[:, None, :, None, :]  # [B,1,ck,1,cq]
 
             def compute(carry):
                 dk_c, dv_c = carry
-                s = jnp.einsum("bkgqd,bksd->bkgqs", q_c, k_c, preferred_element_type=jnp.float32)
+                st = jnp.einsum("bksd,bkdgq->bksgq", k_c, qt_c, preferred_element_type=jnp.float32)
                 if s_scale != 1.0:
-                    s = s * s_scale
-                p = jnp.where(mask, jnp.exp(s - lse_c[..., None]), 0.0)
-                dv_c = dv_c + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_c.dtype), do_c,
+                    st = st * s_scale
+                pt = jnp.where(mask, jnp.exp(st - lse_c[:, :, None]), 0.0)
+                dv_c = dv_c + jnp.einsum("bksgq,bkgqd->bksd", pt.astype(do_c.dtype), do_c,
                                          preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bkgqd,bksd->bkgqs", do_c, v_c, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_c[..., None])
+                dpt = jnp.einsum("bksd,bkdgq->bksgq", v_c, dot_c, preferred_element_type=jnp.float32)
+                dst = pt * (dpt - delta_c[:, :, None])
                 if s_scale != 1.0:
-                    ds = ds * s_scale
+                    dst = dst * s_scale
                 # dq = scale * ds k; dk = scale * ds^T q = ds^T (scale q), with q already scaled when f32.
-                dq_c = jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(k_c.dtype), k_c, preferred_element_type=jnp.float32)
-                dk_c = dk_c + jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(q_c.dtype), q_c,
+                dqt_c = jnp.einsum("bkds,bksgq->bkdgq", kt_c, dst.astype(kt_c.dtype), preferred_element_type=jnp.float32)
+                dk_c = dk_c + jnp.einsum("bksgq,bkgqd->bksd", dst.astype(q_c.dtype), q_c,
                                          preferred_element_type=jnp.float32)
-                return (dk_c, dv_c), dq_c
+                return (dk_c, dv_c), dqt_c
 
             def skip(carry):
-                return carry, jnp.zeros(q_c.shape, jnp.float32)
+                return carry, jnp.zeros(qt_c.shape, jnp.float32)
 
             return lax.cond(mask.any(), compute, skip, carry)
 
         zeros = jnp.zeros(k_c.shape, jnp.float32)
-        (dk_c, dv_c), dq_parts = lax.scan(q_step, (zeros, zeros), q_xs)
-        return dq + _unchunk(dq_parts, 3), (dk_c, dv_c)
+        (dk_c, dv_c), dqt_parts = lax.scan(q_step, (zeros, zeros), q_xs)
+        return dq + _unchunk(dqt_parts, 4), (dk_c, dv_c)
 
-    kv_xs = (_chunks(jnp.moveaxis(k, 1, 2), ck, 2), _chunks(jnp.moveaxis(v, 1, 2), ck, 2),
+    kv_xs = (_chunks(jnp.moveaxis(k, 1, 2), ck, 2), _chunks(_keys_t(k), ck, 3), _chunks(jnp.moveaxis(v, 1, 2), ck, 2),
              _chunks(kpos, ck), _chunks(kseg, ck))
     b, q_len, kvh, g, d = q.shape
-    dq, (dk, dv) = lax.scan(k_step, jnp.zeros((b, kvh, g, q_len, d), jnp.float32), kv_xs)
+    dqt, (dk, dv) = lax.scan(k_step, jnp.zeros((b, kvh, d, g, q_len), jnp.float32), kv_xs)
     if s_scale == 1.0:
-        dq = dq * scale
-    return _heads_last(dq), jnp.moveaxis(_unchunk(dk, 2), 1, 2), jnp.moveaxis(_unchunk(dv, 2), 1, 2)
+        dqt = dqt * scale
+    return jnp.moveaxis(dqt, (1, 2, 3, 4), (2, 4, 3, 1)), jnp.moveaxis(_unchunk(dk, 2), 1, 2), jnp.moveaxis(_unchunk(dv, 2), 1, 2)
 
 
 def init_acc(q):
