@@ -3,7 +3,8 @@ exit with its code (2 bad input, 1 runtime failure, 0 where the input was in fac
 line that names the offending item, print no traceback, and leave its target as it was.
 
 The table is the issue-13 audit made permanent. Cases that would train fail at validation, before
-anything is compiled; the shared tiny checkpoints are built once per module."""
+anything is compiled; the shared tiny checkpoints are built once per module. `SHOW_BAD_INPUT=1 pytest -s`
+prints every case's message for review."""
 
 from __future__ import annotations
 
