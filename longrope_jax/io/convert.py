@@ -1,13 +1,16 @@
-"""`longrope-jax convert`: checkpoints between Hugging Face directories and our Orbax format."""
+"""`longrope-jax convert`: checkpoints between Hugging Face directories and our Orbax format, and llama.cpp GGUF
+files into either."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from longrope_jax.io.files import check_destination, require_local
+from longrope_jax.io.files import atomic_dir, check_destination, require_local
+from longrope_jax.io.gguf import read_gguf, write_tokenizer_files
 from longrope_jax.io.hf import DEFAULT_MAX_SHARD_SIZE, common_dtype, load_hf, parse_size, save_hf, tokenizer_files
 from longrope_jax.io.orbax_params import load_jax, save_jax
 from longrope_jax.io.param_map import ConversionError, flatten_params
@@ -32,6 +35,15 @@ def register_cli(subparsers) -> None:
     j2h.add_argument("--tokenizer", metavar="DIR", default=None, help="copy tokenizer files from DIR")
     j2h.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     j2h.set_defaults(func=_jax_to_hf_cli)
+    for direction, func, what in (("gguf-to-hf", _gguf_to_hf_cli, "HF safetensors directory"),
+                                  ("gguf-to-jax", _gguf_to_jax_cli, "Orbax params + llama_config.json")):
+        g = sub.add_parser(direction, help=f"llama.cpp GGUF file (llama architecture) -> {what}, with its tokenizer")
+        g.add_argument("src", metavar="SRC.gguf")
+        g.add_argument("dst", metavar="DST")
+        g.add_argument("--dtype", choices=DTYPES, default="float32",
+                       help="weight dtype after dequantizing (default float32)")
+        g.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        g.set_defaults(func=func)
 
 
 def _check_paths(src, dst, overwrite: bool, tokenizer=None) -> dict:
@@ -70,6 +82,44 @@ def jax_to_hf(src, dst, dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, token
     save_hf(config, params, dst, dtype=dtype, max_shard_size=max_shard_size,
             tokenizer_source=tokenizer_source, overwrite=overwrite, protect=protect)
     return config, params
+
+
+def gguf_to_hf(src, dst, dtype="float32", overwrite: bool = False):
+    """`read_gguf` then `save_hf` plus the tokenizer files, all in one atomic write; returns (config, params)."""
+    return _from_gguf(src, dst, dtype, overwrite, "hf")
+
+
+def gguf_to_jax(src, dst, dtype="float32", overwrite: bool = False):
+    """`read_gguf` then `save_jax` plus the tokenizer files, all in one atomic write; returns (config, params)."""
+    return _from_gguf(src, dst, dtype, overwrite, "jax")
+
+
+def _from_gguf(src, dst, dtype, overwrite: bool, kind: str):
+    protect = _check_paths(src, dst, overwrite)
+    model = read_gguf(src)
+    config = dataclasses.replace(model.config, param_dtype=dtype)
+    params = model.params(dtype)
+    # Weights and tokenizer land in one temporary directory, renamed into place at the end: DST never
+    # holds one without the other. The writers write into the (empty) temporary directory.
+    with atomic_dir(Path(dst), overwrite, protect) as tmp:
+        if kind == "hf":
+            save_hf(config, params, tmp, dtype=dtype)
+        else:
+            save_jax(config, params, tmp)
+        write_tokenizer_files(model.tokenizer_files, tmp)
+    return config, params
+
+
+def _gguf_to_hf_cli(args) -> int:
+    config, params = gguf_to_hf(args.src, args.dst, args.dtype, args.overwrite)
+    print(f"wrote {param_count(params):,} parameters ({args.dtype}, {config.model_type}) and the tokenizer to {args.dst}")
+    return 0
+
+
+def _gguf_to_jax_cli(args) -> int:
+    config, params = gguf_to_jax(args.src, args.dst, args.dtype, args.overwrite)
+    print(f"wrote {param_count(params):,} parameters ({args.dtype}) and the tokenizer to {args.dst}")
+    return 0
 
 
 def _hf_to_jax_cli(args) -> int:
