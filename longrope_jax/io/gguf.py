@@ -95,7 +95,7 @@ def _reader(path: Path):
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 (the reader raises ValueError, IndexError, ... on a bad file)
-        raise ConversionError(f"{path}: not a readable GGUF file ({first_line(e)})") from None
+        raise ConversionError(f"{path}: not a readable GGUF file, truncated or corrupt ({first_line(e)})") from None
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
