@@ -2,10 +2,10 @@
 
     longrope-jax eval --model jax:DIR --workdir runs/eval --lengths 256,512,1024 --stride 128 \
         --method pi=linear:4 --method yarn=yarn:4 --method ours=longrope:runs/search/rope_scaling.json \
-        --passkey-lengths 512,1024
+        --passkey-lengths 512,1024 --ruler niah_single_1,vt --ruler-lengths 4096,8192 --ruler-samples 20
 
 Pieces: `methods` (specs -> RopeScaling), `perplexity` (the PI/YaRN sliding-window protocol),
-`passkey` (retrieval grid), `report` (eval.json, plots, summary.md); this module runs them for a
+`passkey` (retrieval grid), `ruler_tasks` and `ruler` (RULER's synthetic tasks), `report` (eval.json, plots, summary.md); this module runs them for a
 checkpoint and holds the CLI.
 """
 
@@ -21,6 +21,9 @@ from longrope_jax.eval.methods import hf_methods, parse_methods
 from longrope_jax.eval.passkey import depth_grid, evaluate_passkey
 from longrope_jax.eval.perplexity import ATTENTIONS, check_int, evaluate_perplexity, select_documents
 from longrope_jax.eval.report import markdown_tables, write_results
+from longrope_jax.eval.ruler import evaluate_ruler, ruler_samples
+from longrope_jax.eval.ruler_tasks import TASKS as RULER_TASKS
+from longrope_jax.eval.ruler_tasks import essay_words, needs_essay, task_kind
 from longrope_jax.io.artifacts import default_tokenizer, load_model
 from longrope_jax.rope import RopeScaling
 from longrope_jax.sharding.mesh import make_mesh
@@ -38,6 +41,10 @@ class EvalSpec:
     `mesh_shape` (data, fsdp, seq, tensor) runs perplexity and passkey under a mesh (passkey prompts and
     their KV caches split over the devices the batch leaves free). `trained_length` marks the
     plot (default: the model's max_position_embeddings).
+
+    RULER: `ruler_tasks` (names of `ruler_tasks.TASKS`, or "all") at `ruler_lengths`, `ruler_samples`
+    prompts per task and length, at most `ruler_batch` prompts per generate call, for
+    `passkey_methods`' methods; the essay haystack is KJV's train split (in `data_dir`).
     """
 
     lengths: tuple[int, ...] = ()
@@ -62,6 +69,10 @@ class EvalSpec:
     passkey_methods: Any = None
     seed: int = 0
     trained_length: int | None = None
+    ruler_tasks: tuple[str, ...] = ()
+    ruler_lengths: tuple[int, ...] = ()
+    ruler_samples: int = 20
+    ruler_batch: int = 8
 
 
 def _resolve_methods(methods, config, original_length) -> tuple[dict, dict]:
@@ -81,8 +92,18 @@ def evaluate(model, spec: EvalSpec, workdir=None, *, progress: bool = False) -> 
     failure in the next one keeps what is done. Returns {"perplexity": rows, "passkey": rows, "paths"}.
     The eval CLI, `extend` and the demo all evaluate through here."""
     lengths, passkey_lengths = list(spec.lengths or ()), list(spec.passkey_lengths or ())
-    if not lengths and not passkey_lengths:
-        raise ValueError("eval: nothing to do; give perplexity --lengths and/or --passkey-lengths")
+    tasks, ruler_lengths = ruler_task_list(spec.ruler_tasks), list(spec.ruler_lengths or ())
+    if not lengths and not passkey_lengths and not tasks:
+        raise ValueError("eval: nothing to do; give perplexity --lengths, --passkey-lengths and/or --ruler")
+    if tasks and not ruler_lengths:
+        raise ValueError("--ruler-lengths: empty; expected the RULER prompt lengths in tokens (e.g. 4096,8192)")
+    if ruler_lengths and not tasks:
+        raise ValueError("--ruler: empty; expected RULER task names with --ruler-lengths (e.g. niah_single_1,vt)")
+    for n in ruler_lengths:
+        check_int("--ruler-lengths", n, 1)
+    if tasks:
+        check_int("--ruler-samples", spec.ruler_samples, 1)
+        check_int("--ruler-batch", spec.ruler_batch, 1)
     for n in lengths:
         check_int("perplexity length", n, 2)
     if spec.original_length is not None:
@@ -101,19 +122,26 @@ def evaluate(model, spec: EvalSpec, workdir=None, *, progress: bool = False) -> 
     for n in passkey_lengths:  # fail on a too-short passkey length before anything runs
         check_int("passkey length", n, 2)
         passkey.build_prompt(tok, n, 0.5, passkey.KEY_RANGE[1])
+    ruler_cells = None
+    if tasks:  # every RULER prompt is built before anything runs: a too-short length fails here
+        essay = essay_words(open_source("kjv", "train", data_dir=spec.data_dir)) if needs_essay(tasks) else None
+        ruler_cells = ruler_samples(tok, tasks=tasks, lengths=ruler_lengths, samples=spec.ruler_samples,
+                                    seed=spec.seed, essay=essay)
     mesh = None if spec.mesh_shape is None else make_mesh(*spec.mesh_shape)
     min_tokens = spec.min_tokens or (max(lengths) if lengths else None)
     settings = {**dataclasses.asdict(spec), "model": model_name, "tokenizer": tokenizer, "methods": None,
                 "passkey_methods": None, "method_specs": specs, "min_tokens": min_tokens,
                 "mesh": None if mesh is None else dict(mesh.shape), "passkey_depths": depth_grid(spec.passkey_depths)}
-    out = {"perplexity": [], "passkey": [], "paths": {}}
+    if tasks:
+        settings["ruler_tasks"] = tasks
+    out = {"perplexity": [], "passkey": [], "ruler": [], "paths": {}}
 
     def save():
         if workdir is None:
             return {}
         return write_results(workdir, config=config, methods=hf_methods({**passkey_scalings, **scalings}, config),
                              settings=settings, perplexity_rows=out["perplexity"], passkey_rows=out["passkey"],
-                             trained_length=spec.trained_length or config.max_position_embeddings)
+                             ruler_rows=out["ruler"], trained_length=spec.trained_length or config.max_position_embeddings)
 
     if lengths:
         documents = select_documents(open_source(spec.data, spec.split, data_dir=spec.data_dir), tok, docs=spec.docs,
@@ -129,7 +157,25 @@ def evaluate(model, spec: EvalSpec, workdir=None, *, progress: bool = False) -> 
                                           trials=spec.passkey_trials, methods=passkey_scalings, seed=spec.seed,
                                           mesh=mesh, progress=progress)
         out["paths"] = save()
+    if tasks:
+        out["ruler"] = evaluate_ruler(config, params, tok, tasks=tasks, lengths=ruler_lengths, methods=passkey_scalings,
+                                      batch_size=spec.ruler_batch, mesh=mesh, progress=progress, cells=ruler_cells)
+        out["paths"] = save()
     return out
+
+
+def ruler_task_list(tasks) -> list:
+    """RULER task names from a comma-separated string or a sequence ("all": every task), each checked."""
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = list(tasks or ())
+    if tasks == ["all"]:
+        return list(RULER_TASKS)
+    for t in tasks:
+        task_kind(t)
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"--ruler {','.join(tasks)}: a task is named twice; expected each task once")
+    return tasks
 
 
 def check_lengths_fit(lengths, documents, spec: EvalSpec) -> None:
@@ -179,7 +225,13 @@ def register_cli(subparsers) -> None:
     p.add_argument("--attention-chunk", type=int, default=None, help="blockwise/ring chunk (default: the model's)")
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,SEQ,TENSOR", help="device mesh for perplexity "
                    "and passkey, e.g. 1,1,8,1 (one size may be -1)")
-    p.add_argument("--seed", type=int, default=0, help="passkey keys")
+    p.add_argument("--ruler", default="", metavar="TASKS", help="RULER synthetic tasks, comma-separated, or all: "
+                   + ", ".join(RULER_TASKS) + " (qa_1/qa_2 are not offered)")
+    p.add_argument("--ruler-lengths", default="", help="RULER prompt lengths in tokens, answer included, "
+                                                       "comma-separated (e.g. 4096,8192)")
+    p.add_argument("--ruler-samples", type=int, default=20, help="RULER prompts per task and length (RULER: 500)")
+    p.add_argument("--ruler-batch", type=int, default=8, help="RULER prompts per generate call (equal lengths)")
+    p.add_argument("--seed", type=int, default=0, help="passkey keys and RULER samples")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval_cli)
 
@@ -207,8 +259,11 @@ def _eval_cli(args) -> int:
         truncate=args.truncate, docs=args.docs, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
         batch_size=args.batch_size, passkey_lengths=tuple(_int_list(args.passkey_lengths, "--passkey-lengths")),
         passkey_depths=args.passkey_depths, passkey_trials=args.passkey_trials, attention=args.attention,
-        attention_chunk=args.attention_chunk, mesh_shape=_mesh_shape(args.mesh), seed=args.seed)
+        attention_chunk=args.attention_chunk, mesh_shape=_mesh_shape(args.mesh), seed=args.seed,
+        ruler_tasks=tuple(ruler_task_list(args.ruler)),
+        ruler_lengths=tuple(_int_list(args.ruler_lengths, "--ruler-lengths")), ruler_samples=args.ruler_samples,
+        ruler_batch=args.ruler_batch)
     result = evaluate(args.model, spec, args.workdir, progress=not args.no_progress)
-    print(markdown_tables(result["perplexity"], result["passkey"]), end="")
+    print(markdown_tables(result["perplexity"], result["passkey"], result["ruler"]), end="")
     print("wrote " + ", ".join(str(p) for p in result["paths"].values()))
     return 0

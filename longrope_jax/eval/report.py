@@ -1,7 +1,8 @@
 """Evaluation outputs: `eval.json`, perplexity and passkey plots (matplotlib, Agg) and a markdown summary.
 
-Rows are those of `perplexity.evaluate_perplexity` ({method, length, ppl_window_mean, ppl_token, ...})
-and `evaluate.evaluate_passkey` ({method, length, depth, accuracy, ...}). Every file is written to a
+Rows are those of `perplexity.evaluate_perplexity` ({method, length, ppl_window_mean, ppl_token, ...}),
+`evaluate.evaluate_passkey` ({method, length, depth, accuracy, ...}) and `ruler.evaluate_ruler`
+({method, task, length, score, ...}; summarized per method with its effective length). Every file is written to a
 temporary sibling and renamed, so a reader never sees half of one.
 """
 
@@ -15,30 +16,35 @@ from pathlib import Path
 
 import numpy as np
 
+from longrope_jax.eval.ruler import AVERAGE, THRESHOLD, summarize
 from longrope_jax.io.files import write_atomic
 
 EVAL_FILE, SUMMARY_FILE = "eval.json", "summary.md"
-PERPLEXITY_PLOT, PASSKEY_PLOT = "perplexity.png", "passkey.png"
+PERPLEXITY_PLOT, PASSKEY_PLOT, RULER_PLOT = "perplexity.png", "passkey.png", "ruler.png"
 PPL_METRICS = ("ppl_window_mean", "ppl_token")
 
 
 def write_results(workdir, *, config=None, methods=None, perplexity_rows=(), passkey_rows=(), settings=None,
-                  trained_length: int | None = None) -> dict:
-    """Write `eval.json` ({config, methods, settings, perplexity, passkey}), `summary.md` and the plots of
-    whichever rows there are; returns {kind: path}. `config` is a LlamaConfig (saved as its HF dict),
-    `methods` {name: HF rope_scaling dict or None}."""
+                  trained_length: int | None = None, ruler_rows=()) -> dict:
+    """Write `eval.json` ({config, methods, settings, perplexity, passkey}, and with RULER rows `ruler`
+    and `ruler_summary`), `summary.md` and the plots of whichever rows there are; returns {kind: path}.
+    `config` is a LlamaConfig (saved as its HF dict), `methods` {name: HF rope_scaling dict or None}."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    perplexity_rows, passkey_rows = list(perplexity_rows), list(passkey_rows)
+    perplexity_rows, passkey_rows, ruler_rows = list(perplexity_rows), list(passkey_rows), list(ruler_rows)
     result = {"config": None if config is None else config.to_hf(), "methods": methods or {},
               "settings": settings or {}, "perplexity": perplexity_rows, "passkey": passkey_rows}
+    if ruler_rows:
+        result.update(ruler=ruler_rows, ruler_summary=summarize(ruler_rows))
     paths = {"json": workdir / EVAL_FILE, "summary": workdir / SUMMARY_FILE}
     write_atomic(paths["json"], json.dumps(result, indent=1) + "\n")
-    write_atomic(paths["summary"], markdown_tables(perplexity_rows, passkey_rows))
+    write_atomic(paths["summary"], markdown_tables(perplexity_rows, passkey_rows, ruler_rows))
     if perplexity_rows:
         paths["perplexity_plot"] = plot_perplexity(perplexity_rows, workdir / PERPLEXITY_PLOT, trained_length)
     if passkey_rows:
         paths["passkey_plot"] = plot_passkey(passkey_rows, workdir / PASSKEY_PLOT)
+    if ruler_rows:
+        paths["ruler_plot"] = plot_ruler(ruler_rows, workdir / RULER_PLOT)
     return paths
 
 
@@ -126,13 +132,51 @@ def plot_passkey(rows, path) -> Path:
     return _save(fig, path)
 
 
+def ruler_grid(rows, method: str):
+    """(tasks + ["average"], lengths, scores [tasks + 1, lengths] with NaN where a cell is missing)."""
+    mine = [r for r in rows if r["method"] == method]
+    tasks = list(dict.fromkeys(r["task"] for r in mine))
+    lengths = sorted({r["length"] for r in mine})
+    grid = np.full((len(tasks) + 1, len(lengths)), np.nan)
+    for r in mine:
+        grid[tasks.index(r["task"]), lengths.index(r["length"])] = r["score"]
+    average = summarize(mine)[method][AVERAGE]
+    grid[-1] = [average[n] for n in lengths]
+    return tasks + [AVERAGE], lengths, grid
+
+
+def plot_ruler(rows, path) -> Path:
+    """RULER scores as heatmaps, task (and the average) x length, one panel per method, cells annotated;
+    the title gives the effective length at the 85.6 threshold."""
+    methods = _methods(rows)
+    summary = summarize(rows)
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig = _figure(1.6 + 3.2 * len(methods), 1.4 + 0.32 * (len(tasks) + 1))
+    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    image = None
+    for ax, method in zip(axes, methods):
+        names, lengths, grid = ruler_grid(rows, method)
+        image = ax.imshow(grid, vmin=0.0, vmax=100.0, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+        ax.set_yticks(range(len(names)), names)
+        ax.axhline(len(names) - 1.5, color="black", linewidth=1)
+        ax.set_xlabel("length (tokens)")
+        ax.set_title(f"{method} (effective {summary[method]['effective_length'] or '-'})", fontsize="medium")
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=list(axes), label="score")
+    return _save(fig, path)
+
+
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if math.isfinite(v) else "inf"
 
 
-def markdown_tables(perplexity_rows=(), passkey_rows=()) -> str:
+def markdown_tables(perplexity_rows=(), passkey_rows=(), ruler_rows=()) -> str:
     """Markdown: perplexity (rows = methods, columns = lengths; window mean, token-weighted in
-    parentheses) and passkey accuracy per method x length (mean over depths)."""
+    parentheses), passkey accuracy per method x length (mean over depths) and RULER scores per method
+    (task x length, the average, the effective length)."""
     parts = []
     if perplexity_rows:
         lengths = sorted({r["length"] for r in perplexity_rows})
@@ -157,4 +201,22 @@ def markdown_tables(perplexity_rows=(), passkey_rows=()) -> str:
                 vals.append(f"{hits / trials:.2f}" if trials else "")
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
         parts.append("\n".join(lines))
+    if ruler_rows:
+        parts.append(_ruler_markdown(list(ruler_rows)))
     return "\n\n".join(parts) + "\n" if parts else "No results.\n"
+
+
+def _ruler_markdown(rows) -> str:
+    summary = summarize(rows)
+    lines = ["## RULER", "", "Scores (string_match_all, %) per task and length; effective length: the longest length "
+             f"up to which the average stays >= {THRESHOLD}.", "",
+             "| method | effective length |", "|---|---|"]
+    lines += [f"| {m} | {summary[m]['effective_length'] or '-'} |" for m in summary]
+    for m in summary:
+        names, lengths, grid = ruler_grid(rows, m)
+        lines += ["", f"### {m}", "", "| task | " + " | ".join(str(n) for n in lengths) + " |",
+                  "|---" * (len(lengths) + 1) + "|"]
+        for name, vals in zip(names, grid):
+            label = f"**{name}**" if name == AVERAGE else name
+            lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" if np.isfinite(v) else "" for v in vals) + " |")
+    return "\n".join(lines)
