@@ -27,6 +27,7 @@ from longrope_jax.io.artifacts import default_tokenizer, load_model, read_factor
 from longrope_jax.search import space as genome
 from longrope_jax.search.evolution import RESULT_FILE, ROPE_SCALING_FILE, run_search
 from longrope_jax.search.space import SearchSpace
+from longrope_jax.sharding.mesh import make_mesh, parse_mesh_flag
 
 SHORT_MAX_FACTOR = 2.0  # default upper bound of λ when searching short factors
 
@@ -141,13 +142,15 @@ def with_attention(config, attention: str | None, chunk: int | None):
 
 def search(model: str, out_dir, *, target_length: int, original_length: int | None = None, data: str = "kjv",
            split: str = "validation", data_dir=None, tokenizer: str | None = None, init_factors=None, max_iterations_this_run=None,
-           attention: str | None = None, attention_chunk: int | None = None, progress: bool = True, **settings) -> dict:
+           attention: str | None = None, attention_chunk: int | None = None, mesh_shape=None, progress: bool = True,
+           **settings) -> dict:
     """Load `model` (`hf:DIR`/`jax:DIR`), build the evaluation windows from `data`'s `split` and
     run (or resume) the search; `settings` are SearchConfig fields. `original_length` defaults to the
     model's max_position_embeddings. A short search takes n̂ from `out_dir/long/result.json` when there
     is one (n̂ is shared by both factor sets), unless `start_tokens` is given. `init_factors` (a factors
     file, see `io.artifacts.read_factors`) adds a seed. `attention`/`attention_chunk` override the model's kernel
-    (blockwise keeps long windows' memory at O(L x chunk) and is faster than dense on CPU)."""
+    (blockwise keeps long windows' memory at O(L x chunk) and is faster than dense on CPU). `mesh_shape`
+    (data, fsdp, seq, tensor) splits every window over a device mesh and attends with the ring."""
     from longrope_jax.data.sources import open_source
     from longrope_jax.data.tokenizer import build_tokenizer, check_fits
     from longrope_jax.search.fitness import PerplexityEvaluator, eval_windows
@@ -167,7 +170,8 @@ def search(model: str, out_dir, *, target_length: int, original_length: int | No
     windows = eval_windows(open_source(data, split, data_dir=data_dir), tok, config.window, config.docs)
     evaluator = PerplexityEvaluator(model_cfg, params, windows, original_length=original, target_length=target_length,
                                     candidates_per_call=config.candidates_per_call,
-                                    search_start_tokens=config.search_start_tokens, start_tokens=config.start_tokens)
+                                    search_start_tokens=config.search_start_tokens, start_tokens=config.start_tokens,
+                                    mesh=None if mesh_shape is None else make_mesh(*mesh_shape))
     context = {"model": str(model), "data": data, "split": split, "tokenizer": tokenizer,
                "init_factors": None if init_factors is None else str(init_factors)}
     return run_search(config, evaluator, out_dir, seeds={**seeds_for(config, model_cfg), **extra}, context=context,
@@ -220,6 +224,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--attention", default=None, choices=("dense", "blockwise"),
                    help="attention kernel for the evaluation windows (default: the model's)")
     p.add_argument("--attention-chunk", type=int, default=None, help="blockwise chunk (default: the model's)")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,SEQ,TENSOR",
+                   help="split each window over a device mesh (ring attention), e.g. 1,1,8,1")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_search_cli)
 
@@ -232,7 +238,8 @@ def _search_cli(args) -> int:
         settings["start_tokens"] = args.start_tokens
     result = search(args.model, args.out, target_length=args.target_length, original_length=args.original_length,
                     data=args.data, split=args.split, data_dir=args.data_dir, tokenizer=args.tokenizer, init_factors=args.init_factors,
-                    attention=args.attention, attention_chunk=args.attention_chunk, progress=not args.no_progress, **settings)
+                    attention=args.attention, attention_chunk=args.attention_chunk,
+                    mesh_shape=parse_mesh_flag(args.mesh), progress=not args.no_progress, **settings)
     seeds = ", ".join(f"{k} {v:.4g}" for k, v in result["seeds"].items() if v is not None)
     print(f"{result['mode']} factors: perplexity {result['perplexity']:.4g} (seeds: {seeds}), n̂ {result['start_tokens']}, "
           f"{result['evaluated']} candidates; wrote {Path(args.out) / ROPE_SCALING_FILE}")

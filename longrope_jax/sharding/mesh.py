@@ -87,3 +87,16 @@ def shardings_for(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
                     f"{names[dim]!r} elsewhere with rules_from_config({{{names[dim]!r}: None}})"
                 )
     return shardings
+
+
+def parse_mesh_flag(text: str | None, flag: str = "--mesh"):
+    """(data, fsdp, seq, tensor) from a 'D,F,S,T' flag value (one size may be -1); None stays None."""
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 4:
+        raise ValueError(f"{flag} {text!r}: expected four integers data,fsdp,seq,tensor (one may be -1), e.g. 1,2,4,1")
+    return sizes

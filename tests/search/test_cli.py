@@ -42,7 +42,7 @@ def test_cli_long_then_short_search_fills_both_factor_sets(model, kjv_dir, tmp_p
     RopeScaling.from_hf(d).validate(cfg.head_dim)
 
 
-def test_blockwise_search_scores_the_seeds_as_dense_does(model, kjv_dir, tmp_path):
+def test_blockwise_and_mesh_search_score_the_seeds_as_dense_does(model, kjv_dir, tmp_path):
     cfg, params = model
     save_jax(cfg, params, tmp_path / "model")
     common = dict(target_length=TARGET, data_dir=kjv_dir, docs=2, population=4, mutations=0, crossovers=0, parents=2,
@@ -53,6 +53,12 @@ def test_blockwise_search_scores_the_seeds_as_dense_does(model, kjv_dir, tmp_pat
     assert dense["seeds"].keys() == block["seeds"].keys()
     for k, v in dense["seeds"].items():
         assert block["seeds"][k] == pytest.approx(v, rel=1e-5)
+    ring = search.search(f"jax:{tmp_path / 'model'}", tmp_path / "ring", attention="blockwise", attention_chunk=32,
+                         mesh_shape=(1, 2, 4, 1), **common)  # each window split over 8 devices
+    for k, v in dense["seeds"].items():
+        assert ring["seeds"][k] == pytest.approx(v, rel=1e-5)
+    with pytest.raises(ValueError, match="--mesh '1,2': expected four integers"):
+        search.parse_mesh_flag("1,2")
     with pytest.raises(ValueError, match="LlamaConfig.attention_chunk: expected a positive integer"):
         search.search(f"jax:{tmp_path / 'model'}", tmp_path / "bad", attention="blockwise", attention_chunk=0, **common)
 
