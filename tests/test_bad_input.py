@@ -115,6 +115,20 @@ def _hf_with_config(t: Path, e: Env, **changes) -> Path:
     return d
 
 
+def _gguf(path: Path, iq4_nl: str | None = None, **kw) -> Path:
+    """A tiny LLaMA GGUF file (tests/io/gguf_files.py); `iq4_nl` names a tensor stored as IQ4_NL (unsupported)."""
+    import gguf
+    import numpy as np
+
+    from tests.io.gguf_files import TINY, write_tiny_gguf
+
+    if iq4_nl:
+        blocks = np.zeros((TINY["ffn"], TINY["hidden"] // 32 * 18), np.uint8)
+        kw["raw"] = {iq4_nl: (blocks, gguf.GGMLQuantizationType.IQ4_NL)}
+    write_tiny_gguf(path, **kw)
+    return path
+
+
 def _disk_error(code: int, what: str):
     """Patch the safetensors writer to fail as a read-only or full filesystem does."""
     def patch(monkeypatch):
@@ -213,6 +227,17 @@ CASES = [
     C("j2h-disk-full", lambda e, t: _convert("jax-to-hf", e.jax, t / "out", "--overwrite"), 1, "out",
       "No space left", setup=lambda e, t: _write(t / "out" / "keep.txt", "old"), patch=_disk_error(errno.ENOSPC, "full")),
     C("convert-no-direction", lambda e, t: ["convert"], 2, "DIRECTION"),
+    C("g2h-truncated", lambda e, t: _convert("gguf-to-hf", t / "m.gguf", t / "out", "--overwrite"), 2, "m.gguf",
+      "truncated", setup=lambda e, t: (_write(t / "out" / "keep.txt", "old"), _gguf(t / "m.gguf"),
+                                       os.truncate(t / "m.gguf", (t / "m.gguf").stat().st_size // 2))),
+    C("g2h-unknown-architecture", lambda e, t: _convert("gguf-to-hf", t / "m.gguf", t / "out"), 2, "m.gguf",
+      "general.architecture", "'gpt2'", setup=lambda e, t: _gguf(t / "m.gguf", arch="gpt2")),
+    C("g2j-missing-tensor", lambda e, t: _convert("gguf-to-jax", t / "m.gguf", t / "out"), 2, "m.gguf",
+      "blk.1.ffn_down.weight", setup=lambda e, t: _gguf(t / "m.gguf", drop=("blk.1.ffn_down.weight",))),
+    C("g2j-unsupported-quant-type", lambda e, t: _convert("gguf-to-jax", t / "m.gguf", t / "out", "--overwrite"), 2,
+      "m.gguf", "blk.0.ffn_up.weight", "IQ4_NL", setup=lambda e, t: (_write(t / "out" / "keep.txt", "old"),
+                                                                     _gguf(t / "m.gguf", iq4_nl="blk.0.ffn_up.weight"))),
+    C("models-get-unknown", lambda e, t: ["models", "get", "llama-9000", str(t / "out")], 2, "llama-9000", "smollm2"),
 
     # ---- train (all fail before anything is written) ----
     C("train-config-missing", lambda e, t: ["train", "--config", str(t / "nope.py"), "--workdir", str(t / "out")], 2,
