@@ -90,7 +90,7 @@ def evaluate(model, spec: EvalSpec, workdir=None, *, progress: bool = False) -> 
     """Perplexity and passkey retrieval of `model` (`hf:DIR`/`jax:DIR`, or a (LlamaConfig, params) pair)
     as `spec` asks; with `workdir`, eval.json, summary.md and plots are written after each part, so a
     failure in the next one keeps what is done. Returns {"perplexity": rows, "passkey": rows, "paths"}.
-    The eval CLI, `extend` and the demo all evaluate through here."""
+    With `ruler_tasks`, "ruler" rows too. The eval CLI, `extend` and the demo all evaluate through here."""
     lengths, passkey_lengths = list(spec.lengths or ()), list(spec.passkey_lengths or ())
     tasks, ruler_lengths = ruler_task_list(spec.ruler_tasks), list(spec.ruler_lengths or ())
     if not lengths and not passkey_lengths and not tasks:

@@ -208,8 +208,8 @@ def markdown_tables(perplexity_rows=(), passkey_rows=(), ruler_rows=()) -> str:
 
 def _ruler_markdown(rows) -> str:
     summary = summarize(rows)
-    lines = ["## RULER", "", "Scores (string_match_all, %) per task and length; effective length: the longest length "
-             f"up to which the average stays >= {THRESHOLD}.", "",
+    lines = ["## RULER", "", ("Scores (string_match_all, %) per task and length; effective length: the longest length "
+                              f"up to which the average stays >= {THRESHOLD}."), "",
              "| method | effective length |", "|---|---|"]
     lines += [f"| {m} | {summary[m]['effective_length'] or '-'} |" for m in summary]
     for m in summary:

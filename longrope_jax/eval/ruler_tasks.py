@@ -376,7 +376,10 @@ def build_sample(task: str, tokenizer, length: int, index: int, *, seed: int = 0
             return body + answer_prefix + " " + " ".join(names) + "\n"
 
         ex_budget = min(500, length // 4)
-        ex_size = lambda m: len(tokenizer.encode(example(m)))  # noqa: E731
+
+        def ex_size(m):
+            return len(tokenizer.encode(example(m)))
+
         shot = example(0 if ex_size(0) > ex_budget else _fit(task, length, ex_budget, ex_size, 0)) + "\n"
 
     def build(n):
