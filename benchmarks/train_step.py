@@ -3,7 +3,9 @@
 Same config, same batch, same optimizer settings, one process, this CPU. FLOPs are counted the MaxText
 way: 6 * N * T for the matmuls (embedding gather excluded) plus causal attention
 3 * layers * 4 * B * S^2 * H * D / 2. Peak is this machine's measured float32 matmul rate (the best
-of jax and torch on a 4096^3 matmul), so "fraction of peak" is an MFU analogue for this CPU.
+of jax and torch on a 4096^3 matmul), so "fraction of peak" is an MFU analogue for this CPU. The two
+sides alternate step by step and each reports its median step, so load from other processes on a shared
+CPU falls on both alike.
 
     python benchmarks/train_step.py [--sizes tiny,50m] [--steps 5]
 """
@@ -82,11 +84,6 @@ def bench(name: str, steps: int, peak: float) -> dict:
                "segment_ids": jnp.ones((batch, seq), jnp.int32)}
     state, m = step(state, batch_j)
     jax.block_until_ready(m)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, batch_j)
-    jax.block_until_ready(m)
-    jax_s = (time.perf_counter() - start) / steps
 
     # --- transformers + torch.optim.AdamW
     opt = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=wd)
@@ -99,10 +96,19 @@ def bench(name: str, steps: int, peak: float) -> dict:
         opt.step()
 
     torch_step()
-    start = time.perf_counter()
+
+    # Interleaved, one step of each at a time, median of each: load from other processes on a shared
+    # CPU then falls on both sides alike instead of on whichever ran second.
+    jax_times, torch_times = [], []
     for _ in range(steps):
+        start = time.perf_counter()
+        state, m = step(state, batch_j)
+        jax.block_until_ready(m)
+        jax_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
         torch_step()
-    torch_s = (time.perf_counter() - start) / steps
+        torch_times.append(time.perf_counter() - start)
+    jax_s, torch_s = float(np.median(jax_times)), float(np.median(torch_times))
 
     n_params = sum(x.size for x in jax.tree.leaves(params))
     flops = flops_per_step({**spec, "seq": seq, "batch": batch}, n_params, spec["vocab_size"] * spec["hidden_size"])

@@ -284,15 +284,31 @@ class Attention(nn.Module):
         length, chunk = q.shape[1], cfg.attention_chunk
         if attn_lib.seq_shards(self.mesh, rules_of(self)) > 1:
             return attn_lib.ring_attention(q, k, v, positions, segment_ids, mesh=self.mesh, rules=rules_of(self),
-                                           chunk=chunk, sliding_window=cfg.sliding_window)
+                                           chunk=chunk, sliding_window=cfg.sliding_window, zigzag=False)
         if cfg.attention == "dense" or (length > chunk and length % chunk):
             mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
             return attn_lib.dense_attention(q, k, v, mask)
         return attn_lib.blockwise_attention(q, k, v, positions, positions, segment_ids, segment_ids, chunk=chunk,
                                             sliding_window=cfg.sliding_window)
 
+    def _cpu_blockwise(self, length: int) -> bool:
+        """Whether `dense` runs as CPU-sized blockwise attention: on CPU devices, with the sequence unsplit,
+        at a length that splits into CPU_CHUNK blocks (see benchmarks/attention.py for the crossover)."""
+        if length < attn_lib.CPU_BLOCKWISE_MIN or length % attn_lib.CPU_CHUNK:
+            return False
+        if self.mesh is None:
+            return jax.default_backend() == "cpu"
+        return self.mesh.devices.flat[0].platform == "cpu" and attn_lib.seq_shards(self.mesh, rules_of(self)) == 1
+
     def _attend(self, q, k, v, positions, segment_ids):
         cfg = self.config
+        if cfg.attention == "dense" and self._cpu_blockwise(q.shape[1]):
+            # Same numbers (to float32 rounding) as dense; on XLA:CPU the [B,H,L,L] scores of dense are
+            # memory-bound passes while blocks of CPU_CHUNK stay in cache and skip fully masked pairs.
+            return attn_lib.blockwise_attention(
+                q, k, v, positions, positions, segment_ids, segment_ids,
+                chunk=attn_lib.CPU_CHUNK, sliding_window=cfg.sliding_window,
+            )
         if cfg.attention == "dense":
             mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
             return attn_lib.dense_attention(q, k, v, mask)
@@ -304,7 +320,7 @@ class Attention(nn.Module):
         if cfg.attention == "ring":
             return attn_lib.ring_attention(
                 q, k, v, positions, segment_ids, mesh=self.mesh, rules=rules_of(self),
-                chunk=cfg.attention_chunk, sliding_window=cfg.sliding_window,
+                chunk=cfg.attention_chunk, sliding_window=cfg.sliding_window, zigzag=cfg.ring_zigzag,
             )
         return attn_lib.splash_attention(q, k, v, segment_ids, mesh=self.mesh, rules=rules_of(self))
 

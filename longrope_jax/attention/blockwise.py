@@ -14,6 +14,10 @@ from jax import lax
 from longrope_jax.attention.dense import attention_mask, group_heads
 
 NEG = -1e30  # online-softmax running max before any key is seen
+# XLA:CPU: blocks of 128 keep a block's [K, G, 128, 128] scores in L2 and beat dense attention from 256
+# tokens up (measured on a 2-core Xeon; see README, CPU attention). The model's `dense` uses them there.
+CPU_CHUNK = 128
+CPU_BLOCKWISE_MIN = 256
 
 
 def chunk_size(length: int, chunk: int) -> int:
