@@ -412,9 +412,13 @@ def _sentencepiece(meta: _Metadata, tokens: list, types: list) -> bytes:
     ts.model_type = spm.TrainerSpec.BPE
     ts.vocab_size = len(tokens)
     ts.byte_fallback = any(k == _BYTE for k in types)
+    taken = set()
     for field, key, default in (("unk_id", "unknown_token_id", 0), ("bos_id", "bos_token_id", -1),
                                 ("eos_id", "eos_token_id", -1), ("pad_id", "padding_token_id", -1)):
-        setattr(ts, field, int(meta.get(f"tokenizer.ggml.{key}", default)))
+        i = int(meta.get(f"tokenizer.ggml.{key}", default))
+        # sentencepiece wants distinct special ids; a PAD (or other) reusing one is left to config.json
+        setattr(ts, field, i if i not in taken and 0 <= i < len(tokens) else -1)
+        taken.add(i)
     ns = m.normalizer_spec
     ns.name = "identity"
     ns.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
