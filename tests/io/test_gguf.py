@@ -62,6 +62,23 @@ def test_quantized_tensors_dequantize_to_float32_within_their_step(tmp_path, qty
         assert 0 < err < rel if qtype != "F16" else err < rel, (name, err)
 
 
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_blocks_read_as_gguf_dequantizes_them(tmp_path, qtype):
+    # gguf cannot quantize to K-quants, so the blocks are random bytes (fp16 scales kept finite): the reader
+    # must hand them to gguf's dequantizer whole and give back [out, in] = [ffn, hidden] float32.
+    import gguf
+
+    hidden = 256  # one 256-element super-block per row
+    size = gguf.GGML_QUANT_SIZES[_quant(qtype)][1]
+    raw = np.random.default_rng(1).integers(0, 256, size=(TINY["ffn"], size), dtype=np.uint8)
+    raw.view(np.float16)[...] = np.where(np.isfinite(raw.view(np.float16)), raw.view(np.float16), 0)
+    write_tiny_gguf(tmp_path / "t.gguf", hidden=hidden, head_dim=hidden // TINY["heads"], raw={"blk.0.ffn_up.weight": (raw, _quant(qtype))})
+    got = read_gguf(tmp_path / "t.gguf").tensors["model.layers.0.mlp.up_proj.weight"]
+    want = gguf.quants.dequantize(raw, _quant(qtype))
+    assert got.dtype == np.float32 and got.shape == (TINY["ffn"], hidden) and np.isfinite(want).all()
+    np.testing.assert_array_equal(got, want)
+
+
 def test_untied_head_rope_scaling_and_special_ids_come_from_the_metadata(tmp_path):
     write_tiny_gguf(tmp_path / "t.gguf", tied=False, metadata={
         "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
