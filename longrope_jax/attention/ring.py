@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from longrope_jax.attention import ring_flash
 from longrope_jax.attention.blockwise import bwd_block, finish, fwd_block, init_acc, softmax_delta
 from longrope_jax.attention.dense import group_heads
 from longrope_jax.sharding.rules import partition_spec
@@ -79,10 +80,13 @@ def seq_shards(mesh, rules) -> int:
 
 
 def ring_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, positions_BxL, segment_ids_BxL, *, mesh, rules,
-                   chunk=512, sliding_window=None):
+                   chunk=512, sliding_window=None, zigzag: bool = False, block_kernel: str = "auto"):
     """Causal ring attention over the mesh axis that the logical `length` axis maps to.
 
-    Inputs are global arrays (sharded or not); `shard_map` hands each device its slice.
+    Inputs are global arrays (sharded or not); `shard_map` hands each device its slice. `zigzag` says
+    the sequence is in the zig-zag order (`attention.zigzag`). Each ring step's blocks run as Pallas
+    flash kernels on a TPU mesh where they fit (`ring_flash.usable`; `block_kernel="auto"`), else as
+    the XLA blockwise kernel, which masks by positions; "xla" or "pallas" forces one.
     """
     spec_q = partition_spec(("batch", "length", "heads", "head_dim"), rules)
     spec_kv = partition_spec(("batch", "length", "kv_heads", "head_dim"), rules)
@@ -98,7 +102,14 @@ def ring_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, positions_BxL, segment_ids_B
     n = seq_shards(mesh, rules)
     kv = k_BxSxKxD.shape[2]
 
+    parts = 2 if zigzag else 1
+    why_not = ring_flash.usable(mesh, q_BxQxHxD.shape[1] // (n * parts), chunk, q_BxQxHxD.shape[-1], sliding_window)
+    use_pallas = block_kernel == "pallas" or (block_kernel == "auto" and why_not is None)
+
     def local(q, k, v, pos, seg):
+        if use_pallas:  # [B, H, L, D] for the kernels; positions are implied by the layout
+            t = lambda x: x.transpose(0, 2, 1, 3)
+            return t(ring_flash.ring_flash(t(q), t(k), t(v), seg, seg, axis, n, parts, chunk))
         qg = group_heads(q, k.shape[2])
         o = _ring(qg, k, v, pos, pos, seg, seg, axis, n, chunk, sliding_window)
         return o.reshape(q.shape)

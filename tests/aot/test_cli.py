@@ -21,6 +21,7 @@ KERNELS = {
     "ring_zigzag": ("ring", (1, 2, 2, 1), True),
     "ring_contiguous": ("ring", (1, 2, 2, 1), False),
     "splash": ("splash", (1, 2, 1, 2), True),
+    "ring_pallas": ("ring", (1, 2, 2, 1), True),  # 1024 tokens: 256-token zig-zag parts, Pallas flash blocks
 }
 
 
@@ -30,7 +31,7 @@ def compile_args(kernel: str, programs: str) -> list:
             f"--config.model.attention={attention}", "--config.model.attention_chunk=128",
             f"--config.model.ring_zigzag={zigzag}", f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}",
             f"--config.mesh.seq={s}", f"--config.mesh.tensor={t}", "--config.train.batch_size=4",
-            "--config.eval.batch_size=4"]
+            "--config.eval.batch_size=4"] + (["--config.train.seq_len=1024"] if kernel == "ring_pallas" else [])
 
 
 def rows_of(out: str) -> dict:
