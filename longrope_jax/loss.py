@@ -32,10 +32,7 @@ def next_token_targets(tokens_BxL, segment_ids_BxL):
 def token_nll(logits_BxLxV, targets_BxL):
     """NLL per position as logsumexp - target logit (fp32 softmax); no [B, L, V] log-softmax is kept."""
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-    # The target logit by a compare-and-sum over V, not a gather: the same number, but it fuses with the
-    # logsumexp pass and its gradient is a select, where a gather's is a scatter (slow on XLA:CPU).
-    hit_BxLxV = lax.broadcasted_iota(targets_BxL.dtype, logits_BxLxV.shape, 2) == targets_BxL[..., None]
-    picked_BxL = jnp.sum(jnp.where(hit_BxLxV, logits_BxLxV, 0.0), axis=-1)
+    picked_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits_BxLxV, axis=-1) - picked_BxL
 
 
