@@ -1,7 +1,8 @@
 """Greedy and sampled decoding with a KV cache.
 
 The cache (`model.init_cache`) has a fixed size, prompt length + max_new_tokens - 1 slots (the last
-token is never fed back), so everything compiles once: the prompt is prefilled in one forward, then a
+token is never fed back) rounded up by `cache_slots`, so everything compiles once, and prompts whose
+lengths round to the same fill (`fill_length`, padding in segment 0) share the compiles: the prompt is prefilled in one forward, then a
 jitted `decode_step`, called from a Python loop, feeds one token at a time and writes its keys/values
 at the next slot (the same compiled step for every token; the loop stops once all rows hit EOS).
 A prefill (and a re-prefill) fills an empty cache, so its tokens attend to each other with the
@@ -30,6 +31,7 @@ After `eos_id` a row keeps emitting `eos_id`; the loop stops early once every ro
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -96,25 +98,32 @@ def _models(config, mesh, rules, rows: int):
             Llama(config, mesh=mesh, rules=sequence_rules(rules, mesh.shape, rows, decode=True)))
 
 
+BUCKET = 128  # fills and caches round up to this (or to whole attention chunks): nearby lengths share a compile
+
+
 def fill_length(config: LlamaConfig, fill, length: int) -> int:
-    """Tokens a fill runs over: on a mesh `length` rounded up so that the ring gets the same whole number
-    of attention chunks (or at most one) on every device; the rest is padding (segment 0)."""
-    if fill.mesh is None:
-        return length
-    shards = attn_lib.seq_shards(fill.mesh, fill.rules)
-    unit = shards if -(-length // shards) <= config.attention_chunk else shards * config.attention_chunk
-    return -(-length // unit) * unit
+    """Tokens a fill runs over: `length` rounded up so that every device (of the mesh the fill splits the
+    sequence over; one without a mesh) gets the same number, a multiple of `BUCKET` up to one attention
+    chunk and of whole chunks beyond. The rest is padding in segment 0, which no real token sees."""
+    shards = attn_lib.seq_shards(fill.mesh, fill.rules) if fill.mesh is not None else 1
+    chunk = config.attention_chunk
+    local = _round_up(-(-length // shards), min(BUCKET, chunk))
+    if local > chunk:
+        local = _round_up(local, chunk)
+    return local * shards
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
 
 
 def cache_slots(config: LlamaConfig, prompt_len: int, max_len: int, rows: int, mesh=None, rules=None) -> int:
-    """Slots of the cache: `max_len`, on a mesh at least the prompt's fill and rounded up so that every
-    device holds the same number of slots."""
-    if mesh is None:
-        return max_len
+    """Slots of the cache: at least `max_len` and the prompt's fill, rounded up to a multiple of `BUCKET`
+    (at most a chunk) that every device holds the same number of."""
     fill = _models(config, mesh, rules, rows)[0]
-    shards = attn_lib.seq_shards(mesh, fill.rules)
-    slots = max(max_len, fill_length(config, fill, prompt_len))
-    return -(-slots // shards) * shards
+    shards = attn_lib.seq_shards(mesh, fill.rules) if mesh is not None else 1
+    unit = math.lcm(shards, min(BUCKET, config.attention_chunk))
+    return _round_up(max(max_len, fill_length(config, fill, prompt_len)), unit)
 
 
 def _state_names(state):
@@ -141,19 +150,15 @@ def _place(state, model):
                         state, _state_names(state), is_leaf=lambda x: isinstance(x, tuple))
 
 
-def _prefill(config, params, prompts_BxT, max_len, scaling, mesh=None, rules=None):
-    b, t = prompts_BxT.shape
+def _prefill(config, params, prompts_BxP, length, max_len, scaling, mesh=None, rules=None):
+    """`prompts_BxP` is padded to a fill length; the first `length` (traced) tokens are the prompt."""
+    b, p = prompts_BxP.shape
     fill, _ = _models(config, mesh, rules, b)
-    if mesh is None:
-        logits_BxV, cache = _forward(fill, params, prompts_BxT, None, None, init_cache(config, b, max_len), scaling,
-                                     t - 1)
-        tokens_BxS = jnp.zeros((b, max_len), jnp.int32).at[:, :t].set(prompts_BxT)
-        return logits_BxV, {"cache": cache, "tokens": tokens_BxS}
-    # On a mesh the prompt, padded to whole chunks per device (segment 0: unseen), fills the split buffer.
-    s, f = cache_slots(config, t, max_len, b, mesh, rules), fill_length(config, fill, t)
-    logits_BxV, cache = _forward(fill, params, *_padded_fill(prompts_BxT, t, f), init_cache(config, b, s), scaling, t - 1)
-    tokens_BxS = jnp.zeros((b, s), jnp.int32).at[:, :t].set(prompts_BxT)
-    return logits_BxV, _place({"cache": {**cache, "index": jnp.asarray(t, jnp.int32)}, "tokens": tokens_BxS}, fill)
+    s = cache_slots(config, p, max_len, b, mesh, rules)
+    logits_BxV, cache = _forward(fill, params, *_padded_fill(prompts_BxP, length, p), init_cache(config, b, s), scaling,
+                                 length - 1)
+    state = {"cache": {**cache, "index": jnp.asarray(length, jnp.int32)}, "tokens": fit_length(prompts_BxP, s)}
+    return logits_BxV, _place(state, fill)
 
 
 def _padded_fill(tokens_BxL, count, length):
@@ -192,8 +197,15 @@ def _decode(config, params, state, tok_B, scaling, mesh=None, rules=None):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_len", "scaling", "mesh", "rules"))
-def prefill_jit(config, params, prompts_BxT, max_len, scaling, mesh=None, rules=None):
-    return _prefill(config, params, prompts_BxT, max_len, scaling, mesh, rules)
+def prefill_jit(config, params, prompts_BxP, length, max_len, scaling, mesh=None, rules=None):
+    return _prefill(config, params, prompts_BxP, length, max_len, scaling, mesh, rules)
+
+
+def padded_prompts(config: LlamaConfig, prompts_BxT, mesh=None, rules=None) -> np.ndarray:
+    """The prompts zero-padded on the right to their fill length (what `prefill_jit` takes)."""
+    b, t = prompts_BxT.shape
+    p = fill_length(config, _models(config, mesh, rules, b)[0], t)
+    return np.pad(np.asarray(prompts_BxT, np.int32), ((0, 0), (0, p - t)))
 
 
 # The old state is donated: the cache is updated in place rather than copied at every token.
@@ -204,7 +216,7 @@ def decode_jit(config, params, state, tok_B, scaling, mesh=None, rules=None):
 
 def prefill(config: LlamaConfig, params, prompts_BxT, max_len: int, *, rope_scaling: RopeScaling | None = None,
             mesh=None, rules=None):
-    """Run the prompt into a fresh cache of `max_len` slots -> (next-token logits [B, V] float32, state).
+    """Run the prompt into a fresh cache of at least `max_len` slots -> (next-token logits [B, V] float32, state).
 
     `state` is {"cache": model cache, "tokens": [B, slots] tokens so far (for re-prefills)}. On a `mesh`
     (params placed with `sharding.init.param_shardings`) the cache's slots are split over the devices the
@@ -213,7 +225,8 @@ def prefill(config: LlamaConfig, params, prompts_BxT, max_len: int, *, rope_scal
     p = check_prompts(config, prompts_BxT)
     if _check_int("max_len", max_len, 1) < p.shape[1]:
         raise ValueError(f"max_len: expected at least the prompt length {p.shape[1]}, got {max_len}")
-    return prefill_jit(config, params, jnp.asarray(p), int(max_len), _scaling(config, rope_scaling), mesh, rules)
+    return prefill_jit(config, params, padded_prompts(config, p, mesh, rules), np.int32(p.shape[1]), int(max_len),
+                       _scaling(config, rope_scaling), mesh, rules)
 
 
 def decode_step(config: LlamaConfig, params, state: dict, tokens_B, *, rope_scaling: RopeScaling | None = None,
@@ -259,9 +272,9 @@ def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, r
     temperature 0 is greedy (top_k/top_p ignored); otherwise sample from softmax(logits / temperature)
     restricted to the top_k most likely tokens and then to the top_p nucleus, with `rng` (required; the
     same rng gives the same tokens). After `eos_id` a row keeps emitting `eos_id`.
-    `rope_scaling` overrides the config's. The prefill compiles once per (config, scaling, B, T,
-    max_new_tokens), the decode step once per (config, scaling, B, T + max_new_tokens); temperature and
-    top_p are traced, top_k is static. With a `mesh` the parameters are placed by their logical names and
+    `rope_scaling` overrides the config's. The prefill compiles once per (config, scaling, B, fill length,
+    cache slots), the decode step once per (config, scaling, B, cache slots): lengths are rounded up to
+    `BUCKET` tokens, so nearby prompt lengths share both; temperature and top_p are traced, top_k is static. With a `mesh` the parameters are placed by their logical names and
     the prompt and cache are split over the devices (see `prefill`).
     """
     p = check_prompts(config, prompts_BxT)
@@ -298,7 +311,9 @@ def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, r
     out_BxN = np.full((b, max_new_tokens), 0 if eos_id is None else eos_id, np.int32)
     done_B = np.zeros((b,), bool)
     # A jitted step called from Python: compiled once, shared with prefill/decode_step.
-    logits_BxV, state = prefill_jit(config, params, jnp.asarray(p), t + max_new_tokens - 1, scaling, mesh, rules)
+    slots = cache_slots(config, t, t + max_new_tokens - 1, b, mesh, rules)  # the same for nearby prompt lengths
+    logits_BxV, state = prefill_jit(config, params, padded_prompts(config, p, mesh, rules), np.int32(t), slots,
+                                    scaling, mesh, rules)
     for i in range(max_new_tokens):
         tok_B = np.asarray(pick(logits_BxV, jax.random.fold_in(rng, i)))
         out_BxN[:, i] = np.where(done_B, out_BxN[:, i], tok_B)

@@ -215,9 +215,11 @@ def test_cache_keeps_the_model_dtype():
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, dtype="bfloat16", param_dtype="bfloat16")
     params = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
-    logits, state = jax.eval_shape(functools.partial(gen._prefill, config, max_len=T + 2, scaling=config.rope_scaling),
-                                   params, jnp.asarray(PROMPTS))
-    assert state["cache"]["k"].dtype == jnp.bfloat16 and state["cache"]["k"].shape == (2, 2, T + 2, 2, 8)
+    logits, state = jax.eval_shape(functools.partial(gen.prefill_jit, config, max_len=T + 2, scaling=config.rope_scaling),
+                                   params, gen.padded_prompts(config, PROMPTS), np.int32(T))
+    slots = gen.cache_slots(config, T, T + 2, 2)  # rounded up to a bucket: nearby lengths share compiles
+    assert state["cache"]["k"].dtype == jnp.bfloat16 and state["cache"]["k"].shape == (2, 2, slots, 2, 8)
+    assert slots >= T + 2 and slots % gen.BUCKET == 0
     assert state["cache"]["v"].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
 
 

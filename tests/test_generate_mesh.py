@@ -1,6 +1,8 @@
 """Generation on a mesh (8 CPU devices): the prompt and the KV cache are split over the devices the
 batch leaves free, the fill runs the ring over them, and every token and logit equals the one-device path."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -54,13 +56,24 @@ def test_sequence_rules_give_the_batch_only_the_axes_it_fills():
 
 
 def test_cache_slots_hold_the_padded_prompt_and_split_evenly():
-    config = _config()
+    config = _config()  # attention_chunk 8: fills round to 8 tokens per device
     mesh = make_mesh(fsdp=2, seq=4)
-    assert gen.cache_slots(config, 30, 46, 1, mesh) == 48  # 8 devices x 6 slots
-    assert gen.cache_slots(config, 64, 79, 1, mesh) == 80  # the prompt is one chunk per device: no more padding
-    assert gen.cache_slots(config, 70, 70, 1, mesh) == 128  # 9 tokens per device: 2 whole chunks each
-    assert gen.cache_slots(config, 46, 46, 8, mesh) == 64  # 8 rows take fsdp: 4 pieces of 2 whole chunks
-    assert gen.cache_slots(config, 30, 46, 1) == 46
+    assert gen.cache_slots(config, 30, 46, 1, mesh) == 64  # 8 devices x 8 slots
+    assert gen.cache_slots(config, 64, 79, 1, mesh) == 80  # the prompt is one chunk per device
+    assert gen.cache_slots(config, 46, 46, 8, mesh) == 64  # 8 rows take fsdp: 4 pieces of 16
+    assert gen.cache_slots(config, 30, 46, 1) == 48
+    wide = dataclasses.replace(config, attention_chunk=512)
+    assert gen.cache_slots(wide, 30, 46, 1) == 128 and gen.cache_slots(wide, 600, 700, 1) == 1024
+    assert gen.cache_slots(wide, 300, 316, 1, mesh) == 1024  # 38 per device -> one bucket of 128
+
+
+def test_nearby_prompt_lengths_share_one_compile():
+    config = dataclasses.replace(_config(), attention_chunk=64)
+    params = init_params(config, jax.random.key(3))
+    before = gen.prefill_jit._cache_size(), gen.decode_jit._cache_size()
+    outs = [gen.generate(config, params, np.ones((1, t), np.int32), 5) for t in (40, 50, 60)]
+    assert (gen.prefill_jit._cache_size(), gen.decode_jit._cache_size()) == (before[0] + 1, before[1] + 1)
+    assert all(o.shape == (1, 5) for o in outs)
 
 
 def test_generation_shardings_are_the_ones_prefill_returns():

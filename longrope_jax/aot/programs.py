@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from longrope_jax.aot.flops import forward_flops, train_flops
 from longrope_jax.eval.perplexity import WindowScorer
-from longrope_jax.generate import cache_slots, decode_jit, generation_shardings, prefill_jit
+from longrope_jax.generate import cache_slots, decode_jit, generation_shardings, padded_prompts, prefill_jit
 from longrope_jax.model import Llama, LlamaConfig
 from longrope_jax.search.fitness import PerplexityEvaluator
 from longrope_jax.sharding.init import param_shardings
@@ -121,29 +121,31 @@ def search_program(c, model_cfg: LlamaConfig, mesh: Mesh, rules, *, docs: int = 
 
 
 def _generation_args(c, model_cfg, mesh, rules, new_tokens):
+    """(params, prompt padded to its fill, its length, cache slots) for one prompt of the config's length."""
     params, _ = abstract_params(model_cfg, mesh, rules)
-    prompt = jax.ShapeDtypeStruct((1, c.train.seq_len), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-    return params, prompt, c.train.seq_len + new_tokens - 1
+    replicated = NamedSharding(mesh, PartitionSpec())
+    fill = padded_prompts(model_cfg, jnp.zeros((1, c.train.seq_len), jnp.int32), mesh, rules).shape
+    prompt = jax.ShapeDtypeStruct(fill, jnp.int32, sharding=replicated)
+    length = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    return params, prompt, length, cache_slots(model_cfg, c.train.seq_len, c.train.seq_len + new_tokens - 1, 1, mesh, rules)
 
 
 def prefill_program(c, model_cfg: LlamaConfig, mesh: Mesh, rules, *, new_tokens: int = 16) -> Program:
     """One prompt of the config's length into a KV cache with room for `new_tokens` more, split over the mesh."""
-    params, prompt, max_len = _generation_args(c, model_cfg, mesh, rules, new_tokens)
-    args = (model_cfg, params, prompt, max_len, model_cfg.rope_scaling, mesh, rules)
-    slots = cache_slots(model_cfg, c.train.seq_len, max_len, 1, mesh, rules)
+    params, prompt, length, slots = _generation_args(c, model_cfg, mesh, rules, new_tokens)
+    args = (model_cfg, params, prompt, length, slots, model_cfg.rope_scaling, mesh, rules)
     return Program("prefill", prefill_jit, args, c.train.seq_len, forward_flops(model_cfg, c.train.seq_len, c.train.seq_len),
                    f"1 x {c.train.seq_len} prompt, cache of {slots} split over the mesh")
 
 
 def decode_program(c, model_cfg: LlamaConfig, mesh: Mesh, rules, *, new_tokens: int = 16) -> Program:
     """One decode step with the cache the prefill leaves."""
-    params, prompt, max_len = _generation_args(c, model_cfg, mesh, rules, new_tokens)
-    _, state = jax.eval_shape(functools.partial(prefill_jit, model_cfg, max_len=max_len, scaling=model_cfg.rope_scaling,
-                                                mesh=mesh, rules=rules), params, prompt)
+    params, prompt, length, slots = _generation_args(c, model_cfg, mesh, rules, new_tokens)
+    _, state = jax.eval_shape(functools.partial(prefill_jit, model_cfg, max_len=slots, scaling=model_cfg.rope_scaling,
+                                                mesh=mesh, rules=rules), params, prompt, length)
     state = _sds(state, generation_shardings(state, mesh, rules))
     token = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
     args = (model_cfg, params, state, token, model_cfg.rope_scaling, mesh, rules)
-    slots = state["tokens"].shape[1]
     return Program("decode", decode_jit, args, 1, forward_flops(model_cfg, 1, slots, causal=False),
                    f"1 token, cache of {slots} split over the mesh")
 
