@@ -30,6 +30,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = ("float32", "bfloat16", "float16")
+RING_BLOCKS = ("auto", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,7 @@ class LlamaConfig:
     attention: str = "dense"  # dense | blockwise | ring | splash (TPU)
     attention_chunk: int = 512  # query/key chunk of blockwise and ring attention
     ring_zigzag: bool = True  # load-balanced causal layout for ring attention
+    ring_blocks: str = "auto"  # the ring's per-step kernel: auto (Pallas flash on TPU where it fits) | xla | pallas
     loss_chunk: int = 1024  # tokens per sequence shard whose logits the loss holds at once (see loss.py)
 
     def __post_init__(self):
@@ -97,6 +99,8 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.attention_chunk: expected a positive integer, got {self.attention_chunk!r}")
         if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 1:
             raise ValueError(f"LlamaConfig.loss_chunk: expected a positive integer, got {self.loss_chunk!r}")
+        if self.ring_blocks not in RING_BLOCKS:
+            raise ValueError(f"LlamaConfig.ring_blocks: expected one of {RING_BLOCKS}, got {self.ring_blocks!r}")
         if self.attention == "splash" and self.sliding_window is not None:
             raise ValueError("LlamaConfig.sliding_window: not supported with attention='splash'; use blockwise or ring")
         if self.rope_theta <= 0:
@@ -136,7 +140,7 @@ class LlamaConfig:
             else:
                 rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
         hf_only = ("rope_scaling", "rope_theta", "model_type", "dtype", "param_dtype", "scan_layers", "remat_policy",
-                   "attention", "attention_chunk", "ring_zigzag", "loss_chunk")
+                   "attention", "attention_chunk", "ring_zigzag", "ring_blocks", "loss_chunk")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name not in hf_only}
         kw.update(
             model_type=model_type, rope_theta=float(theta), rope_scaling=RopeScaling.from_hf(rope or None),
@@ -284,7 +288,8 @@ class Attention(nn.Module):
         length, chunk = q.shape[1], cfg.attention_chunk
         if attn_lib.seq_shards(self.mesh, rules_of(self)) > 1:
             return attn_lib.ring_attention(q, k, v, positions, segment_ids, mesh=self.mesh, rules=rules_of(self),
-                                           chunk=chunk, sliding_window=cfg.sliding_window, zigzag=False)
+                                           chunk=chunk, sliding_window=cfg.sliding_window, zigzag=False,
+                                           block_kernel=cfg.ring_blocks)
         if cfg.attention == "dense" or (length > chunk and length % chunk):
             mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
             return attn_lib.dense_attention(q, k, v, mask)
@@ -321,6 +326,7 @@ class Attention(nn.Module):
             return attn_lib.ring_attention(
                 q, k, v, positions, segment_ids, mesh=self.mesh, rules=rules_of(self),
                 chunk=cfg.attention_chunk, sliding_window=cfg.sliding_window, zigzag=cfg.ring_zigzag,
+                block_kernel=cfg.ring_blocks,
             )
         return attn_lib.splash_attention(q, k, v, segment_ids, mesh=self.mesh, rules=rules_of(self))
 

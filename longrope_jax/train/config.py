@@ -15,7 +15,7 @@ from longrope_jax.rope import RopeScaling
 # Model fields a config may set; when `init_from` names a checkpoint only the JAX-side ones and
 # max_position_embeddings apply (the architecture comes from the checkpoint).
 JAX_MODEL_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention", "attention_chunk",
-                    "ring_zigzag", "loss_chunk", "max_position_embeddings")
+                    "ring_zigzag", "ring_blocks", "loss_chunk", "max_position_embeddings")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -25,7 +25,8 @@ def default_config() -> ml_collections.ConfigDict:
         num_key_value_heads=2, head_dim=0, sliding_window=0, rms_norm_eps=1e-5, tie_word_embeddings=True,
         rope_theta=10000.0,
         max_position_embeddings=256, param_dtype="float32", dtype="float32", scan_layers=False,
-        remat_policy="none", attention="dense", attention_chunk=512, ring_zigzag=True, loss_chunk=1024,
+        remat_policy="none", attention="dense", attention_chunk=512, ring_zigzag=True, ring_blocks="auto",
+        loss_chunk=1024,
     )
     # RoPE extension. `type: keep` leaves the model's own scaling (from the checkpoint or `model`).
     c.rope = dict(

@@ -68,3 +68,10 @@ def test_on_a_tpu_slice_the_ring_compiles_with_pallas_blocks_where_they_fit(leng
 
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, ids, ids).compile().as_text()
     assert ("tpu_custom_call" in text) == expect_pallas
+
+
+def test_ring_blocks_is_checked():
+    from longrope_jax.model import LlamaConfig
+
+    with pytest.raises(ValueError, match=r"LlamaConfig.ring_blocks: expected one of \('auto', 'xla', 'pallas'\)"):
+        LlamaConfig(ring_blocks="mosaic")
