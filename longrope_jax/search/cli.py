@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,15 @@ import numpy as np
 from longrope_jax.io.artifacts import default_tokenizer, load_model, read_factors
 from longrope_jax.search import space as genome
 from longrope_jax.search.evolution import RESULT_FILE, ROPE_SCALING_FILE, run_search
-from longrope_jax.search.space import SearchSpace
+from longrope_jax.search.space import LongRoPE2Space, SearchSpace, critical_pair
 from longrope_jax.sharding.mesh import make_mesh, parse_mesh_flag
 
 SHORT_MAX_FACTOR = 2.0  # default upper bound of λ when searching short factors
+OBJECTIVES = ("ppl", "needle")  # plain document perplexity; LongRoPE2's needle-driven perplexity
+SPACES = ("longrope", "longrope2")
+# λ <= bound_scale x s by default: the paper's 1.25 for LongRoPE; LongRoPE2's released LLaMA3-8B factors
+# reach 26.05 = 1.63 s, so its space defaults to 2 s.
+DEFAULT_BOUND_SCALE = {"longrope": 1.25, "longrope2": 2.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +46,11 @@ class SearchConfig:
     scale). A long search evaluates windows of `target_length`; a `short` search evaluates windows of
     `eval_length` (default `original_length`) with λ in [1, `max_factor` (default 2.0)]. In a long
     search `max_factor` defaults to `bound_scale * s` (the paper's 1.25 s; the released code uses 1 + s).
+
+    `objective` "needle" scores only the answer tokens of needles placed in the windows (LongRoPE2,
+    search/needle.py; `needles` per window), "ppl" every token. `search_space` "longrope2" searches
+    λ >= s from a critical pair up (in `critical_pair` +- `critical_window`; `search()` sets
+    `critical_pair` from the model) with λ_r^(i/r) below it; its `bound_scale` defaults to 2.
     """
 
     target_length: int
@@ -53,7 +64,7 @@ class SearchConfig:
     parents: int = 32
     mutation_prob: float = 0.3
     crossover_tries: int = 20
-    bound_scale: float = 1.25
+    bound_scale: float | None = None  # None: DEFAULT_BOUND_SCALE of the space
     max_factor: float | None = None
     step: float = 0.01
     search_start_tokens: bool = False
@@ -61,8 +72,28 @@ class SearchConfig:
     docs: int = 5
     seed: int = 0
     candidates_per_call: int = 4
+    objective: str = "ppl"
+    search_space: str = "longrope"
+    critical_pair: int | None = None
+    critical_window: int = 4
+    needles: int = 4
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"search objective {self.objective!r}: expected one of {OBJECTIVES}")
+        if self.search_space not in SPACES:
+            raise ValueError(f"search search_space {self.search_space!r}: expected one of {SPACES}")
+        if self.bound_scale is None:
+            object.__setattr__(self, "bound_scale", DEFAULT_BOUND_SCALE[self.search_space])
+        for name, low in (("critical_window", 0), ("needles", 1)) + ((("critical_pair", 1),)
+                                                                   if self.critical_pair is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"search {name}: expected an integer >= {low}, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        if self.search_space == "longrope2" and (self.short or self.search_start_tokens):
+            raise ValueError("search search_space 'longrope2': searches long factors only (no --short, no n̂; "
+                             "LongRoPE2's short factors are all 1.0)")
         for name, low in (("target_length", 2), ("original_length", 1), ("population", 1), ("mutations", 0),
                           ("crossovers", 0), ("iterations", 0), ("parents", 1), ("crossover_tries", 1),
                           ("start_tokens", 0), ("docs", 1), ("seed", 0), ("candidates_per_call", 1)):
@@ -126,7 +157,14 @@ class SearchConfig:
         """Scale of the PI/NTK/YaRN seeds: s for long factors; the λ bound for short ones (plus all-ones)."""
         return min(self.upper, self.scale) if self.short else self.scale
 
-    def space(self, d_half: int) -> SearchSpace:
+    def space(self, d_half: int) -> SearchSpace | LongRoPE2Space:
+        if self.search_space == "longrope2":
+            if self.critical_pair is None:
+                raise ValueError("search critical_pair: the longrope2 space needs the theoretical critical pair "
+                                 "(search() computes it from the model's head_dim, rope_theta and original length)")
+            lowest = math.ceil(self.scale / self.step - 1e-9) * self.step  # s, up to the grid
+            return LongRoPE2Space(d_half=d_half, max_factor=max(self.upper, lowest), min_factor=round(lowest, 10),
+                                  critical=self.critical_pair, window=self.critical_window, step=self.step)
         return SearchSpace(d_half=d_half, max_factor=self.upper, step=self.step,
                            search_start_tokens=self.search_start_tokens)
 
