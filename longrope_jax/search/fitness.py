@@ -7,6 +7,8 @@ windows' tokens (every window has the same length, so this is also the mean of p
 `PerplexityEvaluator` compiles the model once for the whole search: λ and n̂ are traced inputs, several
 candidates go through one call with `jax.vmap`, and the windows and parameters sit on the device from
 the start. `traces` counts how often the jitted function was traced (1 after any number of calls).
+With a score mask (LongRoPE2's needle-driven perplexity, search/needle.py) only the marked tokens count:
+perplexity is exp of their mean NLL, from the same chunked loss (no [B, L, V] logits).
 On a mesh each (candidate, window) pair is one sequence split over every device (`sequence_rules`),
 attended with the ring, one pair after another; the parameters stay sharded by their logical names.
 """
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longrope_jax import attention as attn_lib
-from longrope_jax.loss import perplexity, sum_nll
+from longrope_jax.loss import masked_nll, next_token_targets, perplexity, sum_nll
 from longrope_jax.model import Llama, LlamaConfig
 from longrope_jax.rope import RopeScaling
 from longrope_jax.sharding.init import param_shardings
@@ -55,11 +57,14 @@ class PerplexityEvaluator:
     one the exported rope_scaling gives. n̂ is traced when `search_start_tokens`, else the fixed
     `start_tokens` (0 skips the start-token path entirely). Calls go `candidates_per_call` at a time;
     a short last chunk is padded with copies, so every call has the same shapes.
+
+    `score_mask_NxL` (bool, the windows' shape) marks the tokens whose NLL is scored (token j is predicted
+    at position j - 1; BOS cannot be scored); None scores every token after BOS.
     """
 
     def __init__(self, config: LlamaConfig, params, windows_NxL, *, original_length: int, target_length: int,
                  candidates_per_call: int = 4, search_start_tokens: bool = False, start_tokens: int = 0,
-                 mesh=None, rules=None):
+                 mesh=None, rules=None, score_mask_NxL=None):
         if isinstance(candidates_per_call, bool) or not isinstance(candidates_per_call, int) or candidates_per_call < 1:
             raise ValueError(f"candidates_per_call: expected a positive integer, got {candidates_per_call!r}")
         self.config = config
@@ -78,7 +83,9 @@ class PerplexityEvaluator:
             self.model = Llama(config, mesh=mesh, rules=sequence_rules(rules or DEFAULT_RULES, mesh.shape, 1))
             if attn_lib.seq_shards(mesh, self.model.rules) > 1:
                 self.model = self.model.clone(config=dataclasses.replace(config, attention="ring"))
-        self.jitted = jax.jit(self._nll_sums)  # (params, factors_CxD, start_tokens_C, windows_NxL) -> [N, C]
+        # (params, factors_CxD, start_tokens_C, windows_NxL[, score_mask_NxL]) -> NLL sums [N, C]
+        self.jitted = jax.jit(self._nll_sums)
+        self.score_mask = None
         if windows_NxL is None:  # ahead-of-time compiles use `jitted` alone
             self.windows = self.params = None
             return
@@ -89,6 +96,16 @@ class PerplexityEvaluator:
             raise ValueError(f"eval windows: token ids span {windows.min()}..{windows.max()}; expected ids below the "
                              f"model's vocab_size {config.vocab_size} (wrong tokenizer?)")
         self.check_length(windows.shape[1])
+        self.scored_tokens = windows.shape[0] * (windows.shape[1] - 1)  # predicted tokens: all but BOS
+        if score_mask_NxL is not None:
+            mask = np.asarray(score_mask_NxL)
+            if mask.shape != windows.shape or mask.dtype != np.bool_:
+                raise ValueError(f"score mask: expected bool of the windows' shape {windows.shape}, got "
+                                 f"{mask.dtype} {mask.shape}")
+            if mask[:, 0].any() or not mask.any(axis=1).all():
+                raise ValueError("score mask: every window must score at least one token, and never its first")
+            self.scored_tokens = int(mask.sum())
+            self.score_mask = jax.device_put(jnp.asarray(mask))
         self.windows = jax.device_put(jnp.asarray(windows, jnp.int32))  # once: every call reuses them
         self.params = jax.device_put(params, None if mesh is None else param_shardings(config, mesh, self.model.rules))
 
@@ -100,24 +117,31 @@ class PerplexityEvaluator:
             raise ValueError(f"search length {length}: on this mesh it is split into {shards} pieces, each of "
                              f"which must be a whole number of attention chunks ({chunk}) or at most one")
 
-    def _nll_sums(self, params, factors_CxD, start_tokens_C, windows_NxL):
+    def _nll_sums(self, params, factors_CxD, start_tokens_C, windows_NxL, score_mask_NxL=None):
         self.traces += 1  # runs only while tracing: counts compilations
         model = self.model
 
-        def window_nll(factors_D, start_tokens, window_L):
+        def window_nll(factors_D, start_tokens, window_L, scored_L):
             n_hat = start_tokens if self.search_start_tokens else self.base.start_tokens
             scaling = dataclasses.replace(self.base, short_factor=factors_D, long_factor=factors_D, start_tokens=n_hat)
             tokens_1xL = window_L[None]
             batch = {"tokens": tokens_1xL, "positions": jnp.arange(tokens_1xL.shape[1])[None],
                      "segment_ids": jnp.ones_like(tokens_1xL)}
-            return sum_nll(model, params, batch, rope_scaling=scaling)[0]
+            if scored_L is None:
+                return sum_nll(model, params, batch, rope_scaling=scaling)[0]
+            targets_1xL, mask_1xL = next_token_targets(batch["tokens"], batch["segment_ids"])
+            # position t predicts token t + 1: shift the scored-token mask one to the left
+            predicts_scored_1xL = jnp.concatenate([scored_L[1:], jnp.zeros((1,), bool)])[None]
+            nll_1xL = masked_nll(model, params, batch, targets_1xL, mask_1xL & predicts_scored_1xL, rope_scaling=scaling)
+            return jnp.sum(nll_1xL)
 
         if self.mesh is None:
-            per_candidate = jax.vmap(window_nll, in_axes=(0, 0, None))
+            per_candidate = jax.vmap(window_nll, in_axes=(0, 0, None, None))
         else:  # each pair is already spread over the whole mesh
-            per_candidate = lambda f_CxD, s_C, w: jax.lax.map(lambda fs: window_nll(*fs, w), (f_CxD, s_C))
+            per_candidate = lambda f_CxD, s_C, w, m: jax.lax.map(lambda fs: window_nll(*fs, w, m), (f_CxD, s_C))
         # One window at a time keeps memory at one window's activations however many documents there are.
-        return jax.lax.map(lambda w: per_candidate(factors_CxD, start_tokens_C, w), windows_NxL)  # [N, C]
+        return jax.lax.map(lambda wm: per_candidate(factors_CxD, start_tokens_C, *wm),
+                           (windows_NxL, score_mask_NxL))  # [N, C]
 
     def __call__(self, factors_CxD, start_tokens_C=None) -> np.ndarray:
         factors = np.asarray(factors_CxD, np.float32)
@@ -135,8 +159,10 @@ class PerplexityEvaluator:
             if pad:
                 f = np.concatenate([f, np.repeat(f[-1:], pad, 0)])
                 s = np.concatenate([s, np.repeat(s[-1:], pad, 0)])
-            sums_NxC = np.asarray(self.jitted(self.params, jnp.asarray(f), jnp.asarray(s), self.windows), np.float64)
+            args = (self.params, jnp.asarray(f), jnp.asarray(s), self.windows)
+            if self.score_mask is not None:
+                args += (self.score_mask,)
+            sums_NxC = np.asarray(self.jitted(*args), np.float64)
             out.append(sums_NxC.sum(0)[: c - pad])
-        tokens_per_window = self.windows.shape[1] - 1  # predicted tokens: all but BOS
-        ppl = perplexity(np.concatenate(out) / (self.windows.shape[0] * tokens_per_window))
+        ppl = perplexity(np.concatenate(out) / self.scored_tokens)
         return np.where(np.isnan(ppl), math.inf, ppl)  # a NaN candidate ranks last
