@@ -192,6 +192,7 @@ def search(model: str, out_dir, *, target_length: int, original_length: int | No
     from longrope_jax.data.sources import open_source
     from longrope_jax.data.tokenizer import build_tokenizer, check_fits
     from longrope_jax.search.fitness import PerplexityEvaluator, eval_windows
+    from longrope_jax.search.needle import needle_windows
 
     model_cfg, params = load_model(model, "--model")
     model_cfg = with_attention(model_cfg, attention, attention_chunk)
@@ -199,17 +200,26 @@ def search(model: str, out_dir, *, target_length: int, original_length: int | No
     long_result = Path(out_dir) / "long" / RESULT_FILE
     if settings.get("short") and "start_tokens" not in settings and long_result.exists():
         settings["start_tokens"] = json.loads(long_result.read_text())["start_tokens"]
-    config = SearchConfig(target_length=target_length, original_length=original, **settings)
     d_half = model_cfg.rope_scaling.rotary_dim(model_cfg.head_dim) // 2
+    if settings.get("search_space") == "longrope2" and settings.get("critical_pair") is None:
+        settings["critical_pair"] = critical_pair(2 * d_half, model_cfg.rope_theta, original)
+    config = SearchConfig(target_length=target_length, original_length=original, **settings)
     extra = {} if init_factors is None else {"init": read_factors(init_factors, d_half)}
     tokenizer = tokenizer or default_tokenizer(model)
     tok = build_tokenizer(tokenizer)
     check_fits(tok, model_cfg.vocab_size, tokenizer, f"--model {model}")
-    windows = eval_windows(open_source(data, split, data_dir=data_dir), tok, config.window, config.docs)
+    documents = open_source(data, split, data_dir=data_dir)
+    score_mask = None
+    if config.objective == "needle":
+        windows, score_mask = needle_windows(documents, tok, config.window, config.docs, needles=config.needles,
+                                             seed=config.seed)
+    else:
+        windows = eval_windows(documents, tok, config.window, config.docs)
     evaluator = PerplexityEvaluator(model_cfg, params, windows, original_length=original, target_length=target_length,
                                     candidates_per_call=config.candidates_per_call,
                                     search_start_tokens=config.search_start_tokens, start_tokens=config.start_tokens,
-                                    mesh=None if mesh_shape is None else make_mesh(*mesh_shape))
+                                    mesh=None if mesh_shape is None else make_mesh(*mesh_shape),
+                                    score_mask_NxL=score_mask)
     context = {"model": str(model), "data": data, "split": split, "tokenizer": tokenizer,
                "init_factors": None if init_factors is None else str(init_factors)}
     return run_search(config, evaluator, out_dir, seeds={**seeds_for(config, model_cfg), **extra}, context=context,
@@ -252,7 +262,17 @@ def register_cli(subparsers) -> None:
     p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--parents", type=int, default=32)
     p.add_argument("--mutation-prob", type=float, default=0.3)
-    p.add_argument("--bound-scale", type=float, default=1.25, help="λ <= bound-scale x s (long search)")
+    p.add_argument("--bound-scale", type=float, default=None,
+                   help="λ <= bound-scale x s (long search; default 1.25, 2 with --space longrope2)")
+    p.add_argument("--objective", default="ppl", choices=("ppl", "needle"),
+                   help="ppl: every token of the windows; needle: only the answers of needles placed in them "
+                        "(LongRoPE2's needle-driven perplexity)")
+    p.add_argument("--needles", type=int, default=4, help="needles per window with --objective needle")
+    p.add_argument("--space", default="longrope", choices=("longrope", "longrope2"),
+                   help="longrope2: λ >= s searched from a critical pair up, λ_r^(i/r) below it")
+    p.add_argument("--critical-pair", type=int, default=None,
+                   help="centre of the critical-pair window (default: the theoretical one of the model)")
+    p.add_argument("--critical-window", type=int, default=4, help="critical pairs searched: centre +- this")
     p.add_argument("--max-factor", type=float, default=None, help="explicit λ bound (default 1.25 s; 2.0 with --short)")
     p.add_argument("--search-start-tokens", action="store_true", help="also search n̂")
     p.add_argument("--start-tokens", type=int, default=None, help="fixed n̂ when not searched")
@@ -271,7 +291,9 @@ def register_cli(subparsers) -> None:
 def _search_cli(args) -> int:
     settings = {k: getattr(args, k) for k in ("docs", "short", "eval_length", "population", "mutations", "crossovers",
                                                "iterations", "parents", "mutation_prob", "bound_scale", "max_factor",
-                                               "search_start_tokens", "seed", "candidates_per_call")}
+                                               "search_start_tokens", "seed", "candidates_per_call", "objective",
+                                               "needles", "critical_pair", "critical_window")}
+    settings["search_space"] = args.space
     if args.start_tokens is not None:
         settings["start_tokens"] = args.start_tokens
     result = search(args.model, args.out, target_length=args.target_length, original_length=args.original_length,

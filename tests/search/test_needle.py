@@ -2,6 +2,7 @@
 the answer digits scored) and the evaluator's masked perplexity against a direct float64 log-softmax."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -78,3 +79,31 @@ def test_needle_perplexity_equals_a_direct_log_softmax_over_the_answer_tokens(mo
     with pytest.raises(ValueError, match="score mask"):
         PerplexityEvaluator(cfg, params, tokens, original_length=ORIG, target_length=TARGET,
                             score_mask_NxL=np.ones_like(scored))
+
+
+def test_cli_longrope2_search_with_the_needle_objective(model, kjv_dir, tmp_path, capsys):
+    from longrope_jax import cli
+    from longrope_jax.io.orbax_params import save_jax
+    from longrope_jax.search.space import critical_pair
+
+    cfg, params = model
+    save_jax(cfg, params, tmp_path / "model")
+    out = tmp_path / "out"
+    argv = ["search", "--model", f"jax:{tmp_path / 'model'}", "--target-length", str(TARGET), "--out", str(out),
+            "--data-dir", kjv_dir, "--docs", "2", "--population", "6", "--mutations", "2", "--crossovers", "2",
+            "--parents", "3", "--iterations", "1", "--no-progress", "--objective", "needle", "--needles", "1",
+            "--space", "longrope2", "--critical-window", "2"]
+    assert cli.main(argv) == 0
+    assert "long factors: perplexity" in capsys.readouterr().out
+    r = json.loads((out / "long" / "result.json").read_text())
+    assert r["config"]["objective"] == "needle" and r["config"]["search_space"] == "longrope2"
+    centre = critical_pair(2 * D_HALF, cfg.rope_theta, ORIG)
+    assert r["config"]["critical_pair"] == centre and r["config"]["bound_scale"] == 2.0
+    lam, s = np.asarray(r["factors"]), TARGET / ORIG
+    # Some r in the window: λ >= s and monotone from r up, λ_r^(i/r) below.
+    fits = [q for q in range(max(1, centre - 2), centre + 3)
+            if np.all(lam[q:] >= s) and np.allclose(lam[:q], lam[q] ** (np.arange(q) / q))]
+    assert fits and np.all(np.diff(lam) >= 0) and lam.max() <= 2 * s
+    d = json.loads((out / "rope_scaling.json").read_text())
+    assert d["long_factor"] == r["factors"] and d["short_factor"] == [1.0] * D_HALF
+    assert cli.main(argv + ["--short"]) == 2  # longrope2 has no short search
