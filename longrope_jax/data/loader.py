@@ -19,6 +19,10 @@ Orbax it is saved with `grain.checkpoint.CheckpointSave(loader)` and restored wi
 file is per process (`process_<i>-of-<n>.json`), so a restore needs the same process count.
 See `packing` for the row layout.
 
+PoSE (`pose_target_length`, training only; see `pose`) replaces each packed piece's positions 0..l-1 by
+skip-wise positions below the target length, drawn per row from the seed and the row's index (restored
+with the rest of the loader's state).
+
 Loss masking is the trainer's job: token t predicts token t+1 only where both have the same nonzero
 segment id, so padding predicts nothing, a row's last token predicts nothing, and one document's EOS
 never predicts the next document's BOS.
@@ -33,6 +37,7 @@ import grain
 import numpy as np
 
 from longrope_jax.data.packing import PACK_MODES, PackIterDataset
+from longrope_jax.data.pose import PoseSkip
 
 # Tokenization runs in these reader threads (HF tokenizers and sentencepiece release the GIL).
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=32)
@@ -43,7 +48,8 @@ _MAX_SKIPPED_EPOCHS = 20
 
 def make_loader(source: Sequence[str], tokenizer, *, seq_len: int, batch_size: int, seed: int, train: bool = True,
                 pack: str = "concat", shard_index: int | None = None, shard_count: int | None = None,
-                min_doc_tokens: int = 0) -> grain.DatasetIterator:
+                min_doc_tokens: int = 0, pose_target_length: int | None = None,
+                pose_chunks: int = 2) -> grain.DatasetIterator:
     """An iterator of per-process batches: dicts of int32 numpy arrays [batch_size, seq_len].
 
     `batch_size` is the number of rows this process yields. `shard_index`/`shard_count` default to
@@ -51,6 +57,8 @@ def make_loader(source: Sequence[str], tokenizer, *, seq_len: int, batch_size: i
     (the same, but a document that fits in a row is never cut) or
     "document" (one row per document, its first seq_len tokens). Documents with fewer than
     `min_doc_tokens` tokens (BOS/EOS not counted) are skipped. `seed` only matters for training.
+    `pose_target_length` (training only) gives every row PoSE positions in `pose_chunks` chunks that skip
+    to cover that length (>= seq_len).
     """
     seq_len = _positive_int("seq_len", seq_len)
     batch_size = _positive_int("batch_size", batch_size)
@@ -59,6 +67,12 @@ def make_loader(source: Sequence[str], tokenizer, *, seq_len: int, batch_size: i
     if pack not in PACK_MODES:
         raise ValueError(f"pack={pack!r}: expected one of {PACK_MODES}")
     shard_index, shard_count = _shard(shard_index, shard_count)
+    if pose_target_length is not None:
+        pose = PoseSkip(_positive_int("pose_target_length", pose_target_length), _positive_int("pose_chunks", pose_chunks))
+        if not train:
+            raise ValueError("pose_target_length: PoSE positions are for training; evaluation loaders keep 0..l-1")
+        if pose.target_length < seq_len:
+            raise ValueError(f"pose_target_length={pose.target_length}: expected at least seq_len={seq_len}")
     if len(source) == 0:
         raise ValueError(f"data source {source!r} holds no document")
 
@@ -72,6 +86,8 @@ def make_loader(source: Sequence[str], tokenizer, *, seq_len: int, batch_size: i
     max_skipped = _MAX_SKIPPED_EPOCHS * len(source) if train else None
     rows = PackIterDataset(tokens, seq_len=seq_len, pad_id=tokenizer.pad_id, mode=pack,
                            min_doc_tokens=min_doc_tokens, max_skipped=max_skipped)
+    if pose_target_length is not None:
+        rows = rows.random_map(pose, seed=int(np.random.SeedSequence([seed, shard_index, 0x9053]).generate_state(1)[0]))
     if train:
         batches = rows.batch(batch_size, drop_remainder=True)
     else:
