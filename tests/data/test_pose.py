@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from longrope_jax.data.loader import make_loader
-from longrope_jax.data.pose import PoseSkip, chunk_lengths, pieces, pose_positions, skip_biases
+from longrope_jax.data.pose import (
+    PoseSkip,
+    chunk_lengths,
+    pieces,
+    pose_positions,
+    skip_biases,
+)
 
 
 def chunks_of(pos) -> list[np.ndarray]:
