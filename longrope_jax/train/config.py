@@ -37,8 +37,10 @@ def default_config() -> ml_collections.ConfigDict:
     # shards: how many deterministic loaders feed the global batch (0: data x fsdp). Keep it fixed to
     # resume on a mesh with another data-parallel size.
     # passkey_fraction: share of training characters given to passkey-format documents (passkey.Mixture).
+    # pose_target_length: PoSE (data/pose.py), training positions skip in pose_chunks chunks to cover this
+    # length at train.seq_len tokens (0: off).
     c.data = dict(source="kjv", data_dir="", tokenizer="byte", text_key="text", pack="concat", min_doc_tokens=0,
-                  shards=0, passkey_fraction=0.0)
+                  shards=0, passkey_fraction=0.0, pose_target_length=0, pose_chunks=2)
     c.train = dict(steps=100, batch_size=8, seq_len=256, grad_accum=1, dtype="float32", seed=0,
                    max_consecutive_skips=5)
     c.optimizer = dict(lr=3e-3, warmup_steps=10, schedule="cosine", end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -180,7 +182,8 @@ _INTS = (("train.steps", 1), ("train.batch_size", 1), ("train.seq_len", 2), ("tr
          ("train.seed", 0), ("train.max_consecutive_skips", 1), ("optimizer.warmup_steps", 0),
          ("checkpoint.every_steps", 1), ("checkpoint.keep", 1), ("eval.every_steps", 0), ("eval.batches", 1),
          ("eval.batch_size", 1), ("logging.every_steps", 0), ("data.min_doc_tokens", 0), ("data.shards", 0),
-         ("rope.original_max_position_embeddings", 0), ("rope.start_tokens", 0))
+         ("rope.original_max_position_embeddings", 0), ("rope.start_tokens", 0), ("data.pose_target_length", 0),
+         ("data.pose_chunks", 1))
 _FLOATS = (("optimizer.lr", 0.0, None, True, False), ("optimizer.b1", 0.0, 1.0, False, True),
            ("optimizer.b2", 0.0, 1.0, False, True), ("optimizer.eps", 0.0, None, True, False),
            ("optimizer.end_lr_ratio", 0.0, 1.0, False, False), ("optimizer.weight_decay", 0.0, None, False, False),
@@ -251,6 +254,13 @@ def check_shapes(c: ml_collections.ConfigDict, mesh, model: LlamaConfig, vocab_s
         raise ValueError("config.model.attention 'ring' needs config.mesh.seq > 1 (use 'blockwise' on one device)")
     if vocab_size > model.vocab_size:
         raise ValueError(f"config.model.vocab_size {model.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    pose = c.data.get("pose_target_length", 0)
+    if pose and pose < t.seq_len:
+        raise ValueError(f"config.data.pose_target_length {pose}: expected at least train.seq_len {t.seq_len} "
+                         "(PoSE positions skip to cover a longer length; 0 turns it off)")
+    if pose and pose > model.max_position_embeddings:
+        raise ValueError(f"config.data.pose_target_length {pose}: beyond model.max_position_embeddings "
+                         f"{model.max_position_embeddings}; extend the model to the target length first")
 
 
 def parse_config_args(argv: list[str], command: str, string_flags: dict | None = None):

@@ -64,12 +64,14 @@ class RowBlocks:
     """
 
     def __init__(self, source, tokenizer, *, blocks: range, n_blocks: int, rows: int, seq_len: int, seed: int,
-                 train: bool, pack: str, min_doc_tokens: int, columns: slice):
+                 train: bool, pack: str, min_doc_tokens: int, columns: slice, pose_target_length: int | None = None,
+                 pose_chunks: int = 2):
         self.columns = columns
         self.rows, self.seq_len = rows, seq_len
         self.loaders = {
             b: make_loader(source, tokenizer, seq_len=seq_len, batch_size=rows, seed=seed, train=train,
-                                    pack=pack, shard_index=b, shard_count=n_blocks, min_doc_tokens=min_doc_tokens)
+                                    pack=pack, shard_index=b, shard_count=n_blocks, min_doc_tokens=min_doc_tokens,
+                                    pose_target_length=pose_target_length, pose_chunks=pose_chunks)
             for b in blocks
         }
 
@@ -129,7 +131,10 @@ def make_batches(c, mesh, rules, tokenizer, split: str, batch_size: int):
     sharding, blocks, n, per, cols = _row_blocks(mesh, rules, batch_size, c.train.seq_len, c.data.shards)
     it = RowBlocks(source, tokenizer, blocks=blocks, n_blocks=n, rows=per, seq_len=c.train.seq_len,
                    seed=c.train.seed, train=split == "train", pack=c.data.pack,
-                   min_doc_tokens=c.data.min_doc_tokens, columns=cols)
+                   min_doc_tokens=c.data.min_doc_tokens, columns=cols,
+                   # PoSE: training rows' positions skip to cover data.pose_target_length (0: off)
+                   pose_target_length=(c.data.get("pose_target_length") or None) if split == "train" else None,
+                   pose_chunks=c.data.get("pose_chunks", 2))
     to_global = functools.partial(global_batch, mesh=mesh, sharding_or_spec=sharding,
                                   global_shape=(batch_size, c.train.seq_len))
     return it, to_global
