@@ -264,6 +264,14 @@ def _pick(logits_BxV, key, temperature, top_p, *, greedy: bool, top_k: int | Non
 _pick_jit = jax.jit(_pick, static_argnames=("greedy", "top_k", "use_top_p"))
 
 
+def place_params(config: LlamaConfig, params, mesh=None, rules=None):
+    """`params` sharded by their logical names on `mesh` (as they are without one): place them once
+    before many `generate` calls."""
+    if mesh is None:
+        return params
+    return jax.device_put(params, param_shardings(config, mesh, rules or DEFAULT_RULES))
+
+
 def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, rope_scaling: RopeScaling | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
              eos_id: int | None = None, mesh=None, rules=None) -> np.ndarray:
@@ -301,8 +309,7 @@ def generate(config: LlamaConfig, params, prompts_BxT, max_new_tokens: int, *, r
     elif not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.wrap_key_data(rng)  # a raw uint32 key from jax.random.PRNGKey
     scaling = _scaling(config, rope_scaling)
-    if mesh is not None:
-        params = jax.device_put(params, param_shardings(config, mesh, rules or DEFAULT_RULES))
+    params = place_params(config, params, mesh, rules)
     pick = functools.partial(
         _pick_jit, temperature=jnp.float32(temperature or 1.0), top_p=jnp.float32(top_p or 1.0), greedy=greedy,
         top_k=None if greedy else top_k, use_top_p=not greedy and top_p is not None and top_p < 1,

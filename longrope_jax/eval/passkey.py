@@ -8,12 +8,12 @@ sees the same keys.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
 from longrope_jax.data import passkey
 from longrope_jax.eval.perplexity import check_int
+from longrope_jax.generate import place_params
 from longrope_jax.model import LlamaConfig
 
 PASSKEY_NEW_TOKENS = 10  # as the landmark / YaRN / LongRoPE scripts
@@ -67,11 +67,7 @@ def evaluate_passkey(config: LlamaConfig, params, tokenizer, *, lengths, depths=
                          f"{config.vocab_size} (wrong tokenizer?)")
     eos = tokenizer.eos_id
     placement = {} if mesh is None else {"mesh": mesh, "rules": rules}
-    if mesh is not None:  # placed once, not at every call
-        from longrope_jax.sharding.init import param_shardings
-        from longrope_jax.sharding.rules import DEFAULT_RULES
-
-        params = jax.device_put(params, param_shardings(config, mesh, rules or DEFAULT_RULES))
+    params = place_params(config, params, mesh, rules)  # once, not at every call
     rows = []
     with tqdm(total=len(methods) * len(cells), desc="passkey", disable=not progress) as bar:
         for name, scaling in methods.items():

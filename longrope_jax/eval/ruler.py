@@ -17,11 +17,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
 from longrope_jax.eval.ruler_tasks import make_samples, task_kind
+from longrope_jax.generate import place_params
 from longrope_jax.model import LlamaConfig
 
 THRESHOLD = 85.6  # RULER's effective-length threshold
@@ -106,11 +106,7 @@ def evaluate_ruler(config: LlamaConfig, params, tokenizer, *, tasks, lengths, sa
                          f"{config.vocab_size} (wrong tokenizer?)")
     eos = tokenizer.eos_id
     placement = {} if mesh is None else {"mesh": mesh, "rules": rules}
-    if mesh is not None:  # placed once, not at every call
-        from longrope_jax.sharding.init import param_shardings
-        from longrope_jax.sharding.rules import DEFAULT_RULES
-
-        params = jax.device_put(params, param_shardings(config, mesh, rules or DEFAULT_RULES))
+    params = place_params(config, params, mesh, rules)  # once, not at every call
     order = sorted(cells, key=lambda c: (c[1], list(tasks).index(c[0]) if c[0] in tasks else 0))
     rows = []
     with tqdm(total=len(methods) * len(cells), desc="ruler", disable=not progress) as bar:
