@@ -71,7 +71,9 @@ class _State:
             raise ValueError(f"search state {path}: not valid JSON ({e}); delete it to start over") from None
         if d.get("version") != STATE_VERSION:
             raise ValueError(f"search state {path}: version {d.get('version')!r}; expected {STATE_VERSION}")
-        saved = {**d["config"], **{f"context.{k}": v for k, v in d.get("context", {}).items()}, "d_half": d["d_half"]}
+        # Settings added after a state was written take their defaults (e.g. objective, search_space).
+        added = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+        saved = {**added, **d["config"], **{f"context.{k}": v for k, v in d.get("context", {}).items()}, "d_half": d["d_half"]}
         now = {**dataclasses.asdict(config), **{f"context.{k}": v for k, v in context.items()}, "d_half": d_half}
         for name in sorted(set(saved) | set(now)):
             if name not in _RESUMABLE_CHANGES and saved.get(name) != now.get(name):

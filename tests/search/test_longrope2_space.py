@@ -81,3 +81,18 @@ def test_longrope2_config_errors_name_the_setting():
         SearchConfig(target_length=64, original_length=16, search_space="longrope2", short=True)
     with pytest.raises(ValueError, match="critical_pair"):
         SearchConfig(target_length=64, original_length=16, search_space="longrope2").space(8)
+
+
+def test_a_state_written_before_the_longrope2_settings_still_resumes(tmp_path):
+    from longrope_jax.search import evolution
+    from tests.search.tiny_search import Quadratic, long_config, seeds
+
+    cfg = long_config(iterations=1)
+    evolution.run_search(cfg, Quadratic(), tmp_path, seeds=seeds(), max_iterations_this_run=0, progress=False)
+    state = tmp_path / "long" / evolution.STATE_FILE
+    d = json.loads(state.read_text())
+    for name in ("objective", "search_space", "critical_pair", "critical_window", "needles"):
+        del d["config"][name]
+    state.write_text(json.dumps(d))
+    r = evolution.run_search(cfg, Quadratic(), tmp_path, seeds=seeds(), progress=False)
+    assert r["complete"]
