@@ -69,7 +69,7 @@ def test_needle_perplexity_equals_a_direct_log_softmax_over_the_answer_tokens(mo
     targets, mask = next_token_mask64(tokens, np.ones_like(tokens))
     predicts_answer = mask & np.concatenate([scored[:, 1:], np.zeros_like(scored[:, :1])], axis=1)
     assert predicts_answer.sum() == scored.sum() == 2 * 7
-    for lam, got in zip(lams, ours):
+    for lam, got in zip(lams[:1], ours[:1]):  # one direct reference (each costs an uncompiled forward)
         scaling = RopeScaling.from_hf({"rope_type": "longrope", "original_max_position_embeddings": ORIG,
                                        "factor": TARGET / ORIG, "short_factor": [1.0] * D_HALF,
                                        "long_factor": lam.tolist()})
