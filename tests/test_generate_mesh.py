@@ -22,8 +22,10 @@ def _config(rope=None, **kw):
                        attention="blockwise", attention_chunk=8, **kw)
 
 
-@pytest.mark.parametrize("rows,mesh_kw", [(1, dict(fsdp=2, seq=4)), (2, dict(fsdp=2, seq=4)), (1, dict(data=2, fsdp=4))])
-@pytest.mark.parametrize("rope", [None, LONGROPE])
+@pytest.mark.parametrize("rows,mesh_kw,rope", [
+    (1, dict(fsdp=2, seq=4), None), (1, dict(fsdp=2, seq=4), LONGROPE), (2, dict(fsdp=2, seq=4), LONGROPE),
+    (1, dict(data=2, fsdp=4), None),
+])
 def test_mesh_generation_equals_one_device(rows, mesh_kw, rope):
     config = _config(rope, scan_layers=rope is None)
     params = init_params(config, jax.random.key(3))
