@@ -24,6 +24,7 @@ from longrope_jax.rope import RopeScaling
 
 MODEL = "smollm2"
 CONVERT_FILE = "convert.json"
+PASSKEY_SKIPPED_FILE = "passkey_skipped.json"  # {length: why its prompts could not be built}
 SCALE = 2  # the methods extend L to 2L
 
 
@@ -176,14 +177,22 @@ class RealStudy:
         rows = json.loads((self.workdir / "perplexity.json").read_text())
         every = methods(self.plan, self.factors_file)
         chosen = ["none"] + best_methods(rows, SCALE * self.plan.length, 2)
-        spec = self._spec(passkey_lengths=self.plan.lengths, passkey_methods={m: every[m] for m in chosen},
-                          methods={"none": every["none"]}, passkey_depths=self.plan.passkey_depths,
-                          passkey_trials=self.plan.passkey_trials)
-        config, params = load_hf(self.hf_dir, scan_layers=True)  # prefill with blockwise attention: O(T x chunk) scores
+        config, params = load_hf(self.hf_dir, scan_layers=True)  # prefill with blockwise attention: O(T x chunk)
         config = dataclasses.replace(config, attention="blockwise", attention_chunk=self.plan.attention_chunk)
-        out = evaluate((config, params), spec, self.workdir / "eval" / "passkey")["passkey"]
+        out, skipped = [], {}
+        for n in self.plan.lengths:  # a length whose prompts cannot be built is recorded, not fatal
+            spec = self._spec(passkey_lengths=(n,), passkey_methods={m: every[m] for m in chosen},
+                              methods={"none": every["none"]}, passkey_depths=self.plan.passkey_depths,
+                              passkey_trials=self.plan.passkey_trials)
+            try:
+                out += evaluate((config, params), spec, self.workdir / "eval" / f"passkey_{n}")["passkey"]
+            except ValueError as e:
+                if "passkey prompt" not in str(e):
+                    raise
+                skipped[n] = str(e)
         (self.workdir / "passkey.json").write_text(json.dumps(out, indent=1))
-        return {"methods": chosen}
+        (self.workdir / PASSKEY_SKIPPED_FILE).write_text(json.dumps(skipped, indent=1))
+        return {"methods": chosen, "skipped": sorted(skipped)}
 
     def report(self):
         from longrope_jax.demo import report as demo_report
