@@ -302,7 +302,7 @@ def real_discussion(L: int, trained: int, rows, passkey_rows, facts) -> list[str
     if 2 * L <= trained:
         out.append(f"Both lengths ({L} and {n2}) lie inside SmolLM2's trained {trained} tokens, so no position is "
                    "unseen: without scaling the model is at its best, and every scaling method only moves positions "
-                   "it already knows. The claims below are about extension past the trained length; at these "
+                   "it already knows. The claims above are about extension past the trained length; at these "
                    "lengths they are expected to fail and say nothing about the methods.")
     for f in facts:
         if f["held"] or 2 * L <= trained:
