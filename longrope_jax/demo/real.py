@@ -41,6 +41,7 @@ class RealPlan:
         "candidates_per_call": 1})
     passkey_depths: int = 3
     passkey_trials: int = 1
+    passkey_lengths: tuple[int, ...] | None = None  # None: L and 2L
     expected_s: dict = dataclasses.field(default_factory=lambda: {
         "model": 15, "convert": 40, "search": 1500, "perplexity": 2400, "passkey": 1800, "report": 5})
 
@@ -180,7 +181,7 @@ class RealStudy:
         config, params = load_hf(self.hf_dir, scan_layers=True)  # prefill with blockwise attention: O(T x chunk)
         config = dataclasses.replace(config, attention="blockwise", attention_chunk=self.plan.attention_chunk)
         out, skipped = [], {}
-        for n in self.plan.lengths:  # a length whose prompts cannot be built is recorded, not fatal
+        for n in self.plan.passkey_lengths or self.plan.lengths:  # a length whose prompts cannot be built is recorded, not fatal
             spec = self._spec(passkey_lengths=(n,), passkey_methods={m: every[m] for m in chosen},
                               methods={"none": every["none"]}, passkey_depths=self.plan.passkey_depths,
                               passkey_trials=self.plan.passkey_trials)
