@@ -134,6 +134,15 @@ class RealStudy:
         return EvalSpec(tokenizer=f"hf:{self.hf_dir}", data_dir=self.data_dir, attention="blockwise",
                         attention_chunk=self.plan.attention_chunk, trained_length=self.plan.length, seed=0, **kw)
 
+    def docs_at(self, n: int) -> int:
+        """`plan.docs`, or fewer where fewer validation books hold n - 1 tokens (KJV has one past 16383)."""
+        from longrope_jax.data.sources import open_source
+        from longrope_jax.data.tokenizer import build_tokenizer
+
+        tok = build_tokenizer(f"hf:{self.hf_dir}")
+        long_enough = sum(len(tok.encode(d)) >= n - 1 for d in open_source("kjv", "validation", data_dir=self.data_dir))
+        return max(1, min(self.plan.docs, long_enough))  # none long enough: evaluate names the longest
+
     # ---- stages ------------------------------------------------------------------------------------
 
     def model(self):
@@ -164,7 +173,7 @@ class RealStudy:
 
         model, rows = load_hf(self.hf_dir, scan_layers=True), []  # one scanned layer: compiles ~1.6x faster
         for n in self.plan.lengths:  # one window per document: BOS + its first n - 1 tokens
-            spec = self._spec(lengths=(n,), methods=methods(self.plan, self.factors_file), docs=self.plan.docs,
+            spec = self._spec(lengths=(n,), methods=methods(self.plan, self.factors_file), docs=self.docs_at(n),
                               min_tokens=n - 1, truncate=True, batch_size=1)
             rows += evaluate(model, spec, self.workdir / "eval" / f"ppl_{n}")["perplexity"]
         (self.workdir / "perplexity.json").write_text(json.dumps(rows, indent=1))
