@@ -28,8 +28,8 @@ from longrope_jax.io.files import write_atomic
 from longrope_jax.stages import Stages, clock
 
 REAL_COMMAND = "longrope-jax demo --real"
-REAL_TIME = ("not yet run end to end, estimated 1.5-2 h on 2 cores; `--real --quick` measured 26 min on 2 heavily "
-             "shared cores")
+REAL_TIME = ("not yet run end to end: ~1 h 45 min on 2 cores estimated from the measured forwards; "
+             "`--real --quick` measured 26 min on 2 heavily shared cores")
 
 
 def run_demo(workdir, *, quick: bool = False, out=None) -> dict:
