@@ -36,9 +36,13 @@ def prompt_text(key: int, noise_prefix: str, noise_suffix: str) -> str:
 
 def _noise_ids(tokenizer, count: int) -> list[int]:
     """The first `count` tokens of the repeated noise."""
-    unit = len(tokenizer.encode(NOISE + " "))
-    text = " ".join([NOISE] * (count // max(unit, 1) + 2))
-    ids = tokenizer.encode(text)
+    # A BPE may merge across the joins, so a repeat inside the text can be shorter than NOISE alone:
+    # grow the text until it holds enough tokens.
+    repeats = count // max(len(tokenizer.encode(NOISE + " ")), 1) + 2
+    ids = tokenizer.encode(" ".join([NOISE] * repeats))
+    while len(ids) < count:
+        repeats *= 2
+        ids = tokenizer.encode(" ".join([NOISE] * repeats))
     return ids[:count]
 
 

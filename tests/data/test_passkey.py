@@ -33,3 +33,20 @@ def test_passkey_mixture_adds_deterministic_whole_passkey_rows(byte, val_docs):
         passkey.Mixture(val_docs, 1.0, max_chars=SEQ - 2)
     with pytest.raises(ValueError, match="max_chars"):
         passkey.Mixture(val_docs, 0.1, max_chars=50)
+
+
+class _FourCharTokenizer:
+    """One id per 4 characters: alone, NOISE + " " is one token longer than each repeat inside the joined
+    noise (89 characters), like a BPE that merges across the joins (SmolLM2: 25 vs 24 tokens)."""
+
+    bos_id = 0
+
+    def encode(self, text):
+        return [1] * -(-len(text) // 4)
+
+
+def test_passkey_prompts_are_exact_when_repeats_tokenize_shorter_than_the_noise_alone():
+    from longrope_jax.data.passkey import build_prompt
+
+    for length in (2000, 9000):
+        assert len(build_prompt(_FourCharTokenizer(), length, 0.0, 123)) == length
