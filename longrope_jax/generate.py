@@ -2,9 +2,10 @@
 
 The cache (`model.init_cache`) has a fixed size, prompt length + max_new_tokens - 1 slots (the last
 token is never fed back) rounded up by `cache_slots`, so everything compiles once, and prompts whose
-lengths round to the same fill (`fill_length`, padding in segment 0) share the compiles: the prompt is prefilled in one forward, then a
-jitted `decode_step`, called from a Python loop, feeds one token at a time and writes its keys/values
-at the next slot (the same compiled step for every token; the loop stops once all rows hit EOS).
+lengths round to the same fill (`fill_length`, padding in segment 0) share the compiles. The prompt is
+prefilled in one forward, then a jitted `decode_step`, called from a Python loop, feeds one token at a
+time and writes its keys/values at the next slot (the same compiled step for every token; the loop
+stops once all rows hit EOS). On a mesh, see `prefill`: the prompt and cache are split over devices.
 A prefill (and a re-prefill) fills an empty cache, so its tokens attend to each other with the
 config's kernel (blockwise, O(T x chunk), unless the config is dense); a decode step attends densely
 over the cache, [1, T + max_new_tokens] scores per head.
