@@ -82,6 +82,7 @@ def compile_config(c, topology: str, names=PROGRAMS, say=print) -> list:
     if unknown:
         raise ValueError(f"--programs {','.join(names)}: unknown {unknown}; expected names from {','.join(PROGRAMS)}")
     c = config_lib.resolve(c)
+    config_lib.validate(c)  # the numbers `train` would refuse are refused here too
     model_cfg = model_for(c, say)
     devices = tpu_devices(topo)
     mesh, sizes = slice_mesh(c, devices)

@@ -65,6 +65,7 @@ def test_splash_rejects_a_split_sequence_before_compiling(capsys):
     (("--topology", "v9-8"), "--topology 'v9-8': expected a slice name such as v5p-256"),
     (("--config.mesh.fsdp=4", "--config.mesh.fsdp=8"), "does not match the slice's 4 chips"),
     (("--programs", "train,bogus"), "unknown ['bogus']"),
+    (("--config.train.batch_size=4", "--config.train.batch_size=-4"), "batch_size"),
 ])
 def test_bad_input_exits_2_with_one_line(change, message, capsys):
     args = compile_args("dense", "train")
