@@ -21,7 +21,9 @@ from longrope_jax.io.hf import (
 )
 from longrope_jax.io.orbax_params import load_jax, save_jax
 from longrope_jax.io.param_map import ConversionError, flatten_params
+from longrope_jax.io.artifacts import read_rope_scaling
 from longrope_jax.model import DTYPES
+from longrope_jax.rope import RopeScaling
 
 
 def register_cli(subparsers) -> None:
@@ -40,6 +42,8 @@ def register_cli(subparsers) -> None:
     j2h.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default: the params' dtype)")
     j2h.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB, 500MB, 2GiB")
     j2h.add_argument("--tokenizer", metavar="DIR", default=None, help="copy tokenizer files from DIR")
+    j2h.add_argument("--rope-scaling", metavar="FILE", default=None,
+                     help="a search's rope_scaling.json (or a HF config.json): export with these LongRoPE factors")
     j2h.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     j2h.set_defaults(func=_jax_to_hf_cli)
     for direction, func, what in (("gguf-to-hf", _gguf_to_hf_cli, "HF safetensors directory"),
@@ -79,13 +83,18 @@ def hf_to_jax(src, dst, dtype="float32", scan_layers: bool = False, overwrite: b
     return config, params
 
 
-def jax_to_hf(src, dst, dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, tokenizer_source=None, overwrite=False):
-    """`load_jax` then `save_hf`; returns (config, params)."""
+def jax_to_hf(src, dst, dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE, tokenizer_source=None, overwrite=False,
+              rope_scaling=None):
+    """`load_jax` then `save_hf`; returns (config, params). `rope_scaling` (a file, see
+    `artifacts.read_rope_scaling`) replaces the model's RoPE with those LongRoPE factors, and
+    max_position_embeddings with original x factor (the length the factors were searched for)."""
     protect = _check_paths(src, dst, overwrite, tokenizer_source)
     parse_size(max_shard_size)
     if tokenizer_source is not None:
         tokenizer_files(Path(tokenizer_source))
     config, params = load_jax(src)
+    if rope_scaling is not None:
+        config = with_rope_scaling_file(config, rope_scaling)
     save_hf(config, params, dst, dtype=dtype, max_shard_size=max_shard_size,
             tokenizer_source=tokenizer_source, overwrite=overwrite, protect=protect)
     return config, params
@@ -135,8 +144,23 @@ def _hf_to_jax_cli(args) -> int:
     return 0
 
 
+def with_rope_scaling_file(config, path):
+    """`config` with the LongRoPE rope_scaling of `path`, checked against its head_dim."""
+    d = read_rope_scaling(path, "--rope-scaling", original_length=config.max_position_embeddings)
+    scaling = RopeScaling.from_hf(d)
+    try:
+        scaling.validate(config.head_dim)
+    except ValueError as e:
+        raise ValueError(f"--rope-scaling {path}: {e}") from None
+    # The search scored its candidates at original x factor: that length sets LongRoPE's attention scale.
+    target = round(scaling.original_max_position_embeddings * scaling.factor) if scaling.factor else None
+    return dataclasses.replace(config, rope_scaling=scaling,
+                               max_position_embeddings=target or config.max_position_embeddings)
+
+
 def _jax_to_hf_cli(args) -> int:
-    config, params = jax_to_hf(args.src, args.dst, args.dtype, args.max_shard_size, args.tokenizer, args.overwrite)
+    config, params = jax_to_hf(args.src, args.dst, args.dtype, args.max_shard_size, args.tokenizer, args.overwrite,
+                               args.rope_scaling)
     written = args.dtype or common_dtype(flatten_params(params)).name
     print(f"wrote {param_count(params):,} parameters ({written}, {config.model_type}) to {args.dst}")
     return 0

@@ -158,3 +158,27 @@ def test_index_naming_a_missing_shard_is_a_clear_error(tmp_path, llama_dir):
     with pytest.raises(FileNotFoundError, match=victim):
         hf_to_jax(src, dst)
     assert not dst.exists()
+
+
+def test_jax_to_hf_attaches_searched_longrope_factors(tmp_path, llama_dir, capsys):
+    """`--rope-scaling` exports a search's rope_scaling.json with the weights; transformers reads it back."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    assert cli.main(["convert", "hf-to-jax", str(llama_dir), str(ckpt)]) == 0
+    config = load_jax(ckpt)[0]
+    d_half = config.head_dim // 2
+    factors = {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": config.max_position_embeddings,
+               "short_factor": [1.0] * d_half, "long_factor": [1.0 + i / d_half for i in range(d_half)]}
+    (tmp_path / "rope_scaling.json").write_text(json.dumps(factors))
+    assert cli.main(["convert", "jax-to-hf", str(ckpt), str(out), "--rope-scaling", str(tmp_path / "rope_scaling.json")]) == 0
+    hf = transformers.AutoConfig.from_pretrained(out)
+    rope = getattr(hf, "rope_parameters", None) or hf.rope_scaling
+    assert rope["rope_type"] == "longrope" and rope["long_factor"] == factors["long_factor"]
+    assert hf.max_position_embeddings == 4 * config.max_position_embeddings
+    assert_same_tensors(llama_dir, out)
+
+    (tmp_path / "short.json").write_text(json.dumps({**factors, "long_factor": [2.0] * (d_half + 1)}))
+    capsys.readouterr()
+    assert cli.main(["convert", "jax-to-hf", str(ckpt), str(tmp_path / "out2"), "--rope-scaling",
+                     str(tmp_path / "short.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--rope-scaling" in err and "short.json" in err and not (tmp_path / "out2").exists()
