@@ -265,6 +265,13 @@ def _pick(logits_BxV, key, temperature, top_p, *, greedy: bool, top_k: int | Non
 _pick_jit = jax.jit(_pick, static_argnames=("greedy", "top_k", "use_top_p"))
 
 
+def check_ids_fit(config: LlamaConfig, top: int, what: str) -> None:
+    """ValueError unless the largest token id of `what` is below the model's vocabulary."""
+    if top >= config.vocab_size:
+        raise ValueError(f"{what}: token ids reach {top}; expected ids below the model's vocab_size "
+                         f"{config.vocab_size} (wrong tokenizer?)")
+
+
 def place_params(config: LlamaConfig, params, mesh=None, rules=None):
     """`params` sharded by their logical names on `mesh` (as they are without one): place them once
     before many `generate` calls."""

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from longrope_jax.data import passkey
 from longrope_jax.eval.perplexity import check_int
-from longrope_jax.generate import place_params
+from longrope_jax.generate import check_ids_fit, place_params
 from longrope_jax.model import LlamaConfig
 
 PASSKEY_NEW_TOKENS = 10  # as the landmark / YaRN / LongRoPE scripts
@@ -61,10 +61,7 @@ def evaluate_passkey(config: LlamaConfig, params, tokenizer, *, lengths, depths=
         from longrope_jax.generate import generate as generate_fn
     methods = {"model": None} if methods is None else dict(methods)
     cells = passkey_cells(tokenizer, lengths=lengths, depths=depths, trials=trials, seed=seed)
-    top = max(int(c[3].max()) for c in cells)
-    if top >= config.vocab_size:
-        raise ValueError(f"passkey prompts: token ids reach {top}; expected ids below the model's vocab_size "
-                         f"{config.vocab_size} (wrong tokenizer?)")
+    check_ids_fit(config, max(int(c[3].max()) for c in cells), "passkey prompts")
     eos = tokenizer.eos_id
     placement = {} if mesh is None else {"mesh": mesh, "rules": rules}
     params = place_params(config, params, mesh, rules)  # once, not at every call

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from longrope_jax.eval.ruler_tasks import make_samples, task_kind
-from longrope_jax.generate import place_params
+from longrope_jax.generate import check_ids_fit, place_params
 from longrope_jax.model import LlamaConfig
 
 THRESHOLD = 85.6  # RULER's effective-length threshold
@@ -100,10 +100,7 @@ def evaluate_ruler(config: LlamaConfig, params, tokenizer, *, tasks, lengths, sa
     methods = {"model": None} if methods is None else dict(methods)
     if cells is None:
         cells = ruler_samples(tokenizer, tasks=tasks, lengths=lengths, samples=samples, seed=seed, essay=essay)
-    top = max(max(s.ids) for group in cells.values() for s in group)
-    if top >= config.vocab_size:
-        raise ValueError(f"ruler prompts: token ids reach {top}; expected ids below the model's vocab_size "
-                         f"{config.vocab_size} (wrong tokenizer?)")
+    check_ids_fit(config, max(max(s.ids) for group in cells.values() for s in group), "ruler prompts")
     eos = tokenizer.eos_id
     placement = {} if mesh is None else {"mesh": mesh, "rules": rules}
     params = place_params(config, params, mesh, rules)  # once, not at every call
