@@ -65,6 +65,9 @@ class LlamaConfig:
     ring_zigzag: bool = True  # load-balanced causal layout for ring attention
     ring_blocks: str = "auto"  # the ring's per-step kernel: auto (Pallas flash on TPU where it fits) | xla | pallas
     loss_chunk: int = 1024  # tokens per sequence shard whose logits the loss holds at once (see loss.py)
+    # LongRoPE2's mixed context window: each packed document takes LongRoPE's short or long factors (dynamic
+    # NTK: its base) by its own length, not the row's (rope.document_lengths); uncached calls only.
+    mixed_window: bool = False
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -99,6 +102,8 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.attention_chunk: expected a positive integer, got {self.attention_chunk!r}")
         if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 1:
             raise ValueError(f"LlamaConfig.loss_chunk: expected a positive integer, got {self.loss_chunk!r}")
+        if not isinstance(self.mixed_window, bool):
+            raise ValueError(f"LlamaConfig.mixed_window: expected true or false, got {self.mixed_window!r}")
         if self.ring_blocks not in RING_BLOCKS:
             raise ValueError(f"LlamaConfig.ring_blocks: expected one of {RING_BLOCKS}, got {self.ring_blocks!r}")
         if self.attention == "splash" and self.sliding_window is not None:
@@ -140,7 +145,7 @@ class LlamaConfig:
             else:
                 rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
         hf_only = ("rope_scaling", "rope_theta", "model_type", "dtype", "param_dtype", "scan_layers", "remat_policy",
-                   "attention", "attention_chunk", "ring_zigzag", "ring_blocks", "loss_chunk")
+                   "attention", "attention_chunk", "ring_zigzag", "ring_blocks", "loss_chunk", "mixed_window")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and f.name not in hf_only}
         kw.update(
             model_type=model_type, rope_theta=float(theta), rope_scaling=RopeScaling.from_hf(rope or None),
@@ -450,6 +455,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(
             rope_scaling if rope_scaling is not None else cfg.rope_scaling, positions_BxL,
             head_dim=cfg.head_dim, theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
+            segment_ids=segment_ids_BxL if cfg.mixed_window and cache is None else None,
         )
 
         block = DecoderLayer

@@ -368,7 +368,8 @@ def frequencies(
     """(inv_freq[rotary_dim/2] float32, attention_scale) for `scaling` at `seq_len`.
 
     `seq_len` only matters for `dynamic` (grows the base past max_position_embeddings) and
-    `longrope` (long factors when seq_len > original_max_position_embeddings). It may be traced.
+    `longrope` (long factors when seq_len > original_max_position_embeddings). It may be traced, and an
+    array of lengths [..., 1] gives per-token frequencies [..., rotary_dim/2].
     """
     scaling.validate(head_dim)
     d = scaling.rotary_dim(head_dim)
@@ -424,6 +425,16 @@ def cos_sin(
     return jnp.where(early, jnp.cos(orig), cos), jnp.where(early, jnp.sin(orig), sin)
 
 
+def document_lengths(positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+    """Per token, 1 + the largest position of its packed document (its row's tokens with its segment id):
+    HF's seq_len rule applied to each document. The layout may be any permutation of the row (zig-zag).
+    Segment ids are taken as 0..L, as packing makes them (larger ones share slot L)."""
+    length = positions_BxL.shape[-1]
+    seg = jnp.clip(segment_ids_BxL, 0, length)
+    top = jax.vmap(lambda s, p: jnp.zeros(length + 1, jnp.int32).at[s].max(p))(seg, positions_BxL.astype(jnp.int32))
+    return jnp.take_along_axis(top, seg, axis=-1) + 1
+
+
 def rope_cos_sin(
     scaling: RopeScaling,
     positions: jax.Array,
@@ -431,9 +442,18 @@ def rope_cos_sin(
     head_dim: int,
     theta: float,
     max_position_embeddings: int,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """cos/sin for a forward pass over `positions`; seq_len = max(positions) + 1, as HF does."""
-    seq_len = jnp.max(positions) + 1 if scaling.depends_on_length else None
+    """cos/sin for a forward pass over `positions` [B, L]; seq_len = max(positions) + 1, as HF does.
+
+    With `segment_ids` (LongRoPE2's mixed context window) seq_len is each packed document's own
+    (`document_lengths`): a short document keeps the short factors next to a long one in the same row.
+    """
+    seq_len = None
+    if scaling.depends_on_length:
+        seq_len = jnp.max(positions) + 1
+        if segment_ids is not None:  # [B, L, 1]: per-token frequencies [B, L, d/2]
+            seq_len = document_lengths(jnp.asarray(positions), jnp.asarray(segment_ids))[..., None]
     inv, att = frequencies(
         scaling, head_dim=head_dim, theta=theta, max_position_embeddings=max_position_embeddings, seq_len=seq_len
     )

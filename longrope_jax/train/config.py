@@ -29,9 +29,12 @@ def default_config() -> ml_collections.ConfigDict:
         loss_chunk=1024,
     )
     # RoPE extension. `type: keep` leaves the model's own scaling (from the checkpoint or `model`).
+    # mixed_window: LongRoPE2's mixed context window training; every packed document takes the short or
+    # long factors by its own length (LlamaConfig.mixed_window).
     c.rope = dict(
         type="keep", factor=0.0, original_max_position_embeddings=0, beta_fast=0.0, beta_slow=0.0,
         attention_factor=0.0, low_freq_factor=0.0, high_freq_factor=0.0, factors_file="", start_tokens=0,
+        mixed_window=False,
     )
     c.mesh = dict(data=1, fsdp=-1, seq=1, tensor=1, rules=ml_collections.ConfigDict())
     # shards: how many deterministic loaders feed the global batch (0: data x fsdp). Keep it fixed to
@@ -173,7 +176,14 @@ def model_config(c: ml_collections.ConfigDict, base: LlamaConfig | None = None) 
             cfg = LlamaConfig(**{**base.__dict__, **{k: m[k] for k in JAX_MODEL_FIELDS if k in m}})
     except (ValueError, TypeError) as e:
         raise ValueError(f"config.model: {e}") from None
-    return LlamaConfig(**{**cfg.__dict__, "rope_scaling": rope_scaling(c, cfg.rope_scaling, cfg.head_dim)})
+    scaling = rope_scaling(c, cfg.rope_scaling, cfg.head_dim)
+    mixed = c.rope.get("mixed_window", False)
+    if not isinstance(mixed, bool):
+        raise ValueError(f"config.rope.mixed_window: {mixed!r}; expected true or false")
+    if mixed and not scaling.depends_on_length:
+        raise ValueError(f"config.rope.mixed_window: needs a length-dependent RoPE (longrope or dynamic), "
+                         f"got {scaling.rope_type!r}")
+    return LlamaConfig(**{**cfg.__dict__, "rope_scaling": scaling, "mixed_window": mixed})
 
 
 # Every number `validate` checks: (section.key, lowest value) for integers, (section.key, low, high,
