@@ -75,24 +75,50 @@ def _save(fig, path) -> Path:
     return path
 
 
+def line_styles(methods) -> dict:
+    """{method: (colour, line style)}: one colour per method family, the scale as the style, so "PI 4x"
+    is solid and "PI 8x" dashed in PI's colour (a name's trailing "Nx" is its scale)."""
+    import re
+
+    from matplotlib import colormaps
+
+    family = {m: re.sub(r"\s+\d+(\.\d+)?x$", "", m) for m in methods}
+    families = list(dict.fromkeys(family.values()))
+    scales = list(dict.fromkeys(m[len(family[m]):].strip() for m in methods if m != family[m]))
+    colours, dashes = colormaps["tab10"].colors, ("-", "--", "-.", ":")
+    return {m: (colours[families.index(family[m]) % len(colours)],
+                dashes[(scales.index(m[len(family[m]):].strip()) if m != family[m] else 0) % len(dashes)])
+            for m in methods}
+
+
 def plot_perplexity(rows, path, trained_length: int | None = None, metric: str = "ppl_window_mean") -> Path:
     """Perplexity vs length, one line per method, log-y (log2-x), the trained length as a dashed line.
     Non-finite values (a diverged method) are left out of its line."""
     if metric not in PPL_METRICS:
         raise ValueError(f"plot_perplexity metric {metric!r}: expected one of {PPL_METRICS}")
+    from matplotlib.ticker import FormatStrFormatter, FuncFormatter
+
     fig = _figure(6.4, 4.2)
     ax = fig.add_subplot()
+    styles = line_styles(_methods(rows))
     for method in _methods(rows):
         pts = sorted((r["length"], r[metric]) for r in rows if r["method"] == method and math.isfinite(r[metric]))
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=method)
+            color, dash = styles[method]
+            ax.plot(*zip(*pts), marker="o", color=color, linestyle=dash, label=method)
     if trained_length:
-        ax.axvline(trained_length, color="gray", linestyle="--", label=f"trained length {trained_length}")
+        ax.axvline(trained_length, color="gray", linestyle=":", label=f"trained length {trained_length}")
     ax.set_xscale("log", base=2)
     lengths = sorted({r["length"] for r in rows})
     ax.set_xticks(lengths, [str(n) for n in lengths])  # the lengths themselves, not powers of two
     ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 40, not 4x10^1; minor ticks at 2, 3, 5 x 10^k only
+    def minor(v, _):  # every minor tick when the range is narrow
+        lo, hi = ax.get_ylim()
+        return f"{v:g}" if hi / lo < 3 or f"{v:.0e}"[0] in "235" else ""
+
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity" + (" (token-weighted)" if metric == "ppl_token" else ""))
     ax.grid(True, which="both", alpha=0.3)

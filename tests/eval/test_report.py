@@ -24,3 +24,10 @@ def test_write_results_writes_json_plots_and_tables(tmp_path):
     assert "| yarn | 4 (4.4) | inf (8.8) |" in summary
     assert "| method | 300 | 400 |" in summary and "| pi | 0.62 | 0.62 |" in summary
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_plot_styles_give_one_colour_per_method_and_a_style_per_scale():
+    styles = report.line_styles(["none", "PI 4x", "PI 8x", "YaRN 4x", "YaRN 8x", "dynamic NTK"])
+    assert styles["PI 4x"][0] == styles["PI 8x"][0] != styles["YaRN 4x"][0]
+    assert styles["PI 4x"][1] == styles["YaRN 4x"][1] == "-" and styles["PI 8x"][1] == styles["YaRN 8x"][1] == "--"
+    assert len({styles[m][0] for m in ("none", "PI 4x", "YaRN 4x", "dynamic NTK")}) == 4
