@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("llama2_7b_pi_32k", "llama2_7b_yarn_64k", "llama2_7b_longrope_128k", "llama3_8b_longrope_128k",
-           "mistral_7b_yarn_16k")
+           "llama3_8b_longrope2_128k", "mistral_7b_yarn_16k")
 
 
 def slice_of(recipe: str) -> str:
