@@ -37,7 +37,7 @@ def model_for(c, say=print):
             say(f"compile: {spec} is not here; the architecture comes from config.model")
     r = c.rope
     if r.type == "longrope" and r.factors_file and not Path(r.factors_file).is_file():
-        plain = config_lib.model_config(_with(c, rope={"type": "keep"}), base)
+        plain = config_lib.model_config(_with(c, rope={"type": "keep", "mixed_window": False}), base)
         d_half = plain.rope_scaling.rotary_dim(plain.head_dim) // 2
         original = r.original_max_position_embeddings or plain.max_position_embeddings
         factor = max(c.train.seq_len / original, 1.0)
@@ -45,7 +45,7 @@ def model_for(c, say=print):
                               original_max_position_embeddings=original, factor=factor)
         say(f"compile: config.rope.factors_file {r.factors_file} is not here; compiling with PI-like factors "
             f"(their values do not change the program)")
-        return dataclasses.replace(plain, rope_scaling=scaling)
+        return dataclasses.replace(plain, rope_scaling=scaling, mixed_window=r.mixed_window)
     return config_lib.model_config(c, base)
 
 

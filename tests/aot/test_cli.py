@@ -110,3 +110,15 @@ def test_a_program_that_does_not_fit_exits_2_with_the_compilers_figures(tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "eval does not fit in 90% of HBM on v5e:1x1" in last and "GiB" in last
+
+
+def test_a_recipe_whose_factors_file_is_not_here_keeps_its_mixed_window():
+    from longrope_jax.aot.cli import model_for
+    from longrope_jax.train.trainer import parse_train_args
+
+    root = Path(__file__).resolve().parents[2]
+    c, _ = parse_train_args(["--config", str(root / "configs" / "llama3_8b_longrope2_128k.py"), "--workdir", "x"])
+    said = []
+    model = model_for(c, said.append)
+    assert model.mixed_window is True and model.rope_scaling.rope_type == "longrope"
+    assert any("factors_file" in s and "is not here" in s for s in said)
