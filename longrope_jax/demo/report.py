@@ -80,8 +80,10 @@ def findings(plan, base, tuned, tuned_passkey) -> list[dict]:
         if n not in plan.eval_lengths:
             continue
         others = {m: _ppl(base, f"{m} {s}x", n) for m in ("PI", "NTK", "YaRN")}
-        best = min(others, key=lambda m: others[m])
         lr = _ppl(base, f"LongRoPE {s}x", n)
+        if lr is None or None in others.values():
+            continue
+        best = min(others, key=lambda m: others[m])
         out.append({
             "claim": f"Without fine-tuning at {s}x ({n} tokens), searched LongRoPE factors give perplexity no higher "
                      "than the best of PI, NTK and YaRN (LongRoPE Table 1)",
@@ -94,13 +96,50 @@ def findings(plan, base, tuned, tuned_passkey) -> list[dict]:
         out.append({"claim": f"After the short fine-tune at {n}, PI passkey accuracy at {n} is at least 90% (PI paper)",
                     "measured": f"{acc:.0%} over {plan.passkey_depths} depths x {plan.passkey_trials} trials",
                     "held": acc >= 0.9})
-    ratios = {m: _ppl(tuned, "own", L, f"{m} fine-tuned") / at_l for m in ("pi", "yarn", "longrope")
+    ratios = {m: _ppl(tuned, "own", L, f"{m} fine-tuned") / at_l for m in ("pi", "yarn", "longrope", "longrope2")
               if at_l and _ppl(tuned, "own", L, f"{m} fine-tuned")}
     if ratios:
         out.append({"claim": f"Perplexity at L={L} stays within 10% of the base model's after extension (PI paper)",
                     "measured": ", ".join(f"{m} {r:.3f}x" for m, r in ratios.items()) + f" of the base {_fmt(at_l)}",
                     "held": all(r <= 1.10 for r in ratios.values())})
+    s, n = plan.finetune_scale, plan.finetune_length
+    one, two = _ppl(tuned, "own", n, "longrope fine-tuned"), _ppl(tuned, "own", n, "longrope2 fine-tuned")
+    one_l, two_l = _ppl(tuned, "own", L, "longrope fine-tuned"), _ppl(tuned, "own", L, "longrope2 fine-tuned")
+    if None not in (one, two, one_l, two_l):
+        out.append({"claim": f"After fine-tuning at {s}x, LongRoPE2 (needle-driven search, mixed context window "
+                             f"training) gives perplexity no higher than LongRoPE at {n} and at L={L} (LongRoPE2 paper)",
+                    "measured": f"at {n}: LongRoPE2 {_fmt(two)} vs LongRoPE {_fmt(one)}; at {L}: LongRoPE2 "
+                                f"{_fmt(two_l)} vs LongRoPE {_fmt(one_l)}",
+                    "held": two <= one and two_l <= one_l})
     return out
+
+
+def _compare(a: str, x, b: str, y) -> str:
+    """'A 6.1 is lower than B 6.3' (or higher, or equal at the printed precision)."""
+    if _fmt(x) == _fmt(y):
+        return f"{a} and {b} are equal at {_fmt(x)}"
+    return f"{a} {_fmt(x)} is {'lower' if x < y else 'higher'} than {b} {_fmt(y)}"
+
+
+def longrope2_discussion(plan, base, tuned) -> list[str]:
+    """LongRoPE2 against LongRoPE, before and after fine-tuning, read from the rows."""
+    s, L, n = plan.finetune_scale, plan.context, plan.finetune_length
+    before = _ppl(base, f"LongRoPE2 {s}x", n), _ppl(base, f"LongRoPE {s}x", n)
+    after = _ppl(tuned, "own", n, "longrope2 fine-tuned"), _ppl(tuned, "own", n, "longrope fine-tuned")
+    short = _ppl(tuned, "own", L, "longrope2 fine-tuned"), _ppl(tuned, "own", L, "longrope fine-tuned")
+    parts = []
+    if None not in before:
+        parts.append(f"without fine-tuning {_compare('LongRoPE2', before[0], 'LongRoPE', before[1])}")
+    if None not in after:
+        parts.append(f"after fine-tuning {_compare('LongRoPE2', after[0], 'LongRoPE', after[1])}")
+    if None not in short:
+        parts.append(f"and at L={L} {_compare('LongRoPE2', short[0], 'LongRoPE', short[1])}")
+    if not parts:
+        return []
+    return [f"At {s}x ({n} tokens) " + ", ".join(parts) + ". LongRoPE2's factors are chosen by the perplexity of "
+            "needle answers, which this model cannot retrieve (see the passkey rows), so its search objective is "
+            "mostly noise here; its fine-tune differs from LongRoPE's by the factors and by mixed context window "
+            "training (short documents keep the original RoPE)."]
 
 
 def discussion(plan, base, base_pk, tuned, tuned_pk) -> list[str]:
@@ -148,8 +187,57 @@ def discussion(plan, base, base_pk, tuned, tuned_pk) -> list[str]:
     n = plan.finetune_length
     cells = {m: tuned_acc.get((f"{m} fine-tuned", "own"), {}).get(n) for m in ("pi", "yarn", "longrope")}
     if all(v is not None for v in cells.values()):
+        cells.update({m: v for m in ("longrope2",) if (v := tuned_acc.get((f"{m} fine-tuned", "own"), {}).get(n))
+                      is not None})
         out.append(f"After {plan.finetune_steps} fine-tuning steps at {n}, passkey accuracy at {n} is "
                    + ", ".join(f"{m} {v:.0%}" for m, v in cells.items()) + ".")
+    return out + longrope2_discussion(plan, base, tuned)
+
+
+CHECK_NAMES = {"pi seed": "PI (seed)", "ntk seed": "NTK (seed)", "yarn seed": "YaRN (seed)"}
+
+
+def check_table(check: dict) -> list[str]:
+    """Markdown: for each scale, every checked factor set's perplexity on the search's books, the check books
+    and the validation books side by side; the selected LongRoPE candidate in bold."""
+    if not check:
+        return []
+    w = next(iter(check["scales"].values()))["windows"]
+    lines = [f"| scale | factors | search books ({w['search']}) | check books ({w['check']}) | "
+             f"validation books ({w['validation']}) |", "|---|---|---|---|---|"]
+    for s, c in check["scales"].items():
+        for r in c["rows"]:
+            name = CHECK_NAMES.get(r["name"], r["name"])
+            if r["name"] == c["selected"]:
+                name = f"**{name} (selected)**"
+            cells = " | ".join("–" if r[k] is None else f"{r[k]:.4g}" for k in ("search", "check", "validation"))
+            lines.append(f"| {s}x | {name} | {cells} |")  # 4 digits: the candidates differ in the third
+    return lines
+
+
+def check_discussion(check: dict) -> list[str]:
+    """Where the searched factors stand against the best seed on unseen books, per scale, from the rows."""
+    out = []
+    for s, c in (check or {}).get("scales", {}).items():
+        rows = {r["name"]: r for r in c["rows"]}
+        seeds = [r for k, r in rows.items() if k.endswith(" seed")]
+        if not seeds or "LongRoPE #1" not in rows:
+            continue
+        best_seed = min(seeds, key=lambda r: r["validation"])
+        top = rows["LongRoPE #1"]
+        gap = {k: top[k] - min(r[k] for r in seeds) for k in ("search", "check", "validation")}
+        sel = rows[c["selected"]]
+        out.append(
+            f"At {s}x the search's best candidate other than the seeds (LongRoPE #1) is {'below' if gap['search'] < 0 else 'at or above'} the best seed "
+            f"on the search books ({gap['search']:+.3g}), {'below' if gap['check'] < 0 else 'at or above'} on the "
+            f"check books ({gap['check']:+.3g}) and {'below' if gap['validation'] < 0 else 'at or above'} on the "
+            f"validation books ({gap['validation']:+.3g}); the check selected {CHECK_NAMES.get(c['selected'], c['selected'])} "
+            f"({_fmt(sel['validation'])} on the validation books, best seed {CHECK_NAMES.get(best_seed['name'], best_seed['name'])} "
+            f"{_fmt(best_seed['validation'])}).")
+        if "LongRoPE2 best" in rows:
+            r2 = rows["LongRoPE2 best"]
+            out.append(f"LongRoPE2's factors (needle objective) score {_fmt(r2['search'])} / {_fmt(r2['check'])} / "
+                       f"{_fmt(r2['validation'])} by plain perplexity on the three sets.")
     return out
 
 
@@ -170,13 +258,18 @@ def write_report(workdir: Path, plan) -> dict:
     export = json.loads((workdir / "export" / "check.json").read_text())
     search = {s: json.loads((workdir / f"search_{s}x" / "long" / "result.json").read_text())
               for s in plan.search_scales}
+    r2_file = workdir / "search_longrope2" / "long" / "result.json"
+    search2 = json.loads(r2_file.read_text()) if r2_file.exists() else None
+    check_file = workdir / "search_check" / "check.json"
+    check = json.loads(check_file.read_text()) if check_file.exists() else {}
     notes = discussion(plan, base, base_pk, tuned, tuned_pk)
-    text = _render(plan, base, base_pk, tuned, tuned_pk, lengths, stages, facts, notes, export, search)
+    text = _render(plan, base, base_pk, tuned, tuned_pk, lengths, stages, facts, notes, export, search, search2, check)
     (workdir / REPORT_FILE).write_text(text)
     return {"findings_held": sum(bool(f["held"]) for f in facts), "findings": len(facts)}
 
 
-def _render(plan, base, base_pk, tuned, tuned_pk, lengths, stages, facts, notes, export, search) -> str:
+def _render(plan, base, base_pk, tuned, tuned_pk, lengths, stages, facts, notes, export, search, search2=None,
+            check=None) -> str:
     L = plan.context
     pk_lengths = list(plan.passkey_lengths)
     parts = [
@@ -207,13 +300,28 @@ def _render(plan, base, base_pk, tuned, tuned_pk, lengths, stages, facts, notes,
         "",
         "![perplexity against length, no fine-tuning](perplexity_base.png)",
         "",
-        "LongRoPE search (fitness: perplexity on training books at the target length):",
+        (f"LongRoPE search (fitness: perplexity of one window, BOS + the first n - 1 tokens, of each of "
+         f"{plan.search['docs']} training books spread over the corpus, at the target length n):"),
         "",
         "| scale | best | " + " | ".join(f"seed {k}" for k in next(iter(search.values()))["seeds"]) + " | candidates |",
         "|---" * (3 + len(next(iter(search.values()))["seeds"])) + "|",
         *[f"| {s}x | {_fmt(r['perplexity'])} | " + " | ".join(_fmt(v) for v in r["seeds"].values())
           + f" | {r['evaluated']} |" for s, r in search.items()],
         "",
+        *([(f"LongRoPE2 search at {plan.finetune_scale}x (needle-driven perplexity: {plan.search_longrope2['needles']} "
+            f"needles per window, only their answers scored, on {plan.search_longrope2['docs']} training books; "
+            f"critical pair {search2['config']['critical_pair']} +- {search2['config']['critical_window']}, "
+            f"λ >= s): best {_fmt(search2['perplexity'])} after {search2['evaluated']} candidates (seeds: "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in search2["seeds"].items()) + ")."), ""] if search2 else []),
+        *(["### Search generalisation: the searches' own books against unseen books", "",
+           ("Plain perplexity of one window (BOS + first n - 1 tokens) per book at the target length n, for the "
+            "seeds (PI, NTK and YaRN factors as the search starts from them), the LongRoPE search's top "
+            f"{plan.check_top} candidates other than the seeds (LongRoPE #1 the best) and LongRoPE2's best: on the LongRoPE search's books, on "
+            f"{plan.check_docs} other training books (the check) and on the validation books. The LongRoPE factors "
+            "used after the search are the candidate lowest on the check books, so a candidate that only fits the "
+            "search's books is not chosen. The validation column scores one window per book, unlike the "
+            "sliding-window table above."), "",
+           *check_table(check), "", " ".join(check_discussion(check)), ""] if check else []),
         (f"## After fine-tuning at {plan.finetune_length} ({plan.finetune_steps} steps of "
         f"{plan.finetune_batch}x{plan.finetune_length} tokens)"),
         "",

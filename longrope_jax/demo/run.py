@@ -4,11 +4,17 @@ Stages (each writes its outputs under WORKDIR and is skipped when re-run once fi
 
   prepare      the KJV TFDS corpus (array_record), validation books held out
   pretrain     tiny_cpu byte-level LLaMA at L=256, with a few passkey-format documents in the mix
-  search_4x    LongRoPE evolutionary search of λ at 4L, on training books (validation stays held out)
+  search_4x    LongRoPE evolutionary search of λ at 4L, on training books spread over the corpus (validation
+               stays held out)
   search_8x    the same at 8L
-  eval_base    perplexity at L..8L for no scaling, PI, NTK, YaRN (4x and 8x), dynamic NTK and LongRoPE,
-               all without fine-tuning; passkey accuracy of the base model
-  finetune_*   a short fine-tune at 4L with PI, YaRN and the searched LongRoPE factors
+  search_longrope2  LongRoPE2's search at 4L: needle-driven perplexity over its critical-pair space
+  search_check the seeds, the top LongRoPE candidates and LongRoPE2's best scored on the search's books,
+               other training books (the check) and the validation books; the LongRoPE factors used from
+               here on are the candidate best on the check books
+  eval_base    perplexity at L..8L for no scaling, PI, NTK, YaRN (4x and 8x), dynamic NTK, LongRoPE and
+               LongRoPE2 (4x), all without fine-tuning; passkey accuracy of the base model
+  finetune_*   a short fine-tune at 4L with PI, YaRN, the LongRoPE factors and LongRoPE2's factors (with
+               mixed context window training)
   eval_tuned   perplexity and passkey (length x depth) of the fine-tuned models
   export       the LongRoPE model as a HF directory; its logits checked in `transformers` when installed
   report       WORKDIR/report.md with tables, plots, stage times and the findings checked against the papers

@@ -7,10 +7,16 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
+
 from longrope_jax.io.artifacts import read_rope_scaling
+from longrope_jax.io.files import write_atomic
 from longrope_jax.rope import RopeScaling
 
-FINETUNES = ("pi", "yarn", "longrope")
+FINETUNES = ("pi", "yarn", "longrope", "longrope2")
+BOOKS_DIR = "books"  # WORKDIR/books/{search,check}.jsonl: the training books the searches and the check read
+CHECK_FILE = "check.json"  # WORKDIR/search_check/check.json
+SELECTED_FILE = "selected_rope_scaling.json"  # WORKDIR/search_Sx/: the factors the check selected
 CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.py"
 
 
@@ -32,6 +38,7 @@ class Study:
         p = self.plan
         out = [("prepare", self.prepare), ("pretrain", self.pretrain)]
         out += [(f"search_{s}x", lambda s=s: self.search(s)) for s in p.search_scales]
+        out += [("search_longrope2", self.search_longrope2), ("search_check", self.search_check)]
         out += [("eval_base", self.eval_base)]
         out += [(f"finetune_{m}", lambda m=m: self.finetune(m)) for m in FINETUNES]
         out += [("eval_tuned", self.eval_tuned), ("export", self.export), ("report", self.report)]
@@ -43,9 +50,52 @@ class Study:
         return self.workdir / name / "hf"
 
     def factors_file(self, scale: int) -> Path:
+        """The LongRoPE factors used downstream: the search candidate that the held-out check selected."""
+        return self.workdir / f"search_{scale}x" / SELECTED_FILE
+
+    def longrope2_factors_file(self) -> Path:
         from longrope_jax.search.evolution import ROPE_SCALING_FILE
 
-        return self.workdir / f"search_{scale}x" / ROPE_SCALING_FILE
+        return self.workdir / "search_longrope2" / ROPE_SCALING_FILE
+
+    def books(self) -> dict:
+        """{"search": [...], "check": [...]}: training books (indices into the train split) spread evenly over
+        the corpus, disjoint, each long enough for the longest search window; written once as jsonl files.
+
+        The searches used to read the first books (Genesis..Deuteronomy: the law, one register), and their best
+        candidate beat NTK there but lost on the held-out books; books from every part (law, history, poetry,
+        prophets, gospels, letters) are what the validation books are like. The search file is ordered so
+        that any prefix of it is spread too (LongRoPE reads its first `docs`, LongRoPE2 more)."""
+        from longrope_jax.data.sources import open_source
+        from longrope_jax.data.tokenizer import build_tokenizer
+
+        p, out = self.plan, self.workdir / BOOKS_DIR
+        index_file = out / "books.json"
+        if index_file.exists():
+            return json.loads(index_file.read_text())
+        docs, tok = open_source("kjv", "train"), build_tokenizer("byte")
+        need = p.context * max(p.search_scales)
+        eligible = [i for i in range(len(docs)) if len(tok.encode(docs[i])) >= need]
+        n_search = max(p.search["docs"], p.search_longrope2["docs"])
+        total = n_search + p.check_docs
+        if len(eligible) < total:
+            raise ValueError(f"demo: {total} training books of >= {need} tokens needed for the searches and the "
+                             f"check, found {len(eligible)}")
+        picks = [eligible[round(k * (len(eligible) - 1) / (total - 1))] for k in range(total)] if total > 1 else eligible[:1]
+        check = picks[1::2][: p.check_docs]
+        search = [i for i in picks if i not in check]
+        search = search[0::2] + search[1::2]  # any prefix spread over the corpus
+        out.mkdir(parents=True, exist_ok=True)
+        for name, idx in (("search", search), ("check", check)):
+            write_atomic(out / f"{name}.jsonl", "".join(json.dumps({"text": docs[i]}) + "\n" for i in idx))
+        books = {"search": search, "check": check,
+                 "titles": {str(i): docs[i].split("\n", 1)[0].strip()[:40] for i in search + check}}
+        write_atomic(index_file, json.dumps(books, indent=1))
+        return books
+
+    def books_spec(self, name: str) -> str:
+        self.books()
+        return f"files:{self.workdir / BOOKS_DIR / name}.jsonl"
 
     # ---- stages ------------------------------------------------------------------------------------
 
@@ -74,9 +124,89 @@ class Study:
 
         p = self.plan
         result = search(f"hf:{self.model_dir('pretrain')}", self.workdir / f"search_{scale}x",
-                        target_length=p.context * scale, split="train", attention="blockwise",
-                        attention_chunk=p.attention_chunk, **p.search)
+                        target_length=p.context * scale, data=self.books_spec("search"), split="train",
+                        attention="blockwise", attention_chunk=p.attention_chunk, **p.search)
         return {"perplexity": result["perplexity"], "seeds": result["seeds"], "evaluated": result["evaluated"]}
+
+    def search_longrope2(self):
+        """LongRoPE2's search at finetune_scale: needle-driven perplexity (only the answers of needles placed in
+        the windows are scored) over its critical-pair space. The critical pair comes from the model
+        (search.space.critical_pair): tiny_cpu's head_dim 32, rope_theta 823.4 and L=256 give pair 9 (d_tcd 18;
+        its wavelength 274 tokens is the first past 256), so the window 9 +- 4 fits in the 16 pairs."""
+        from longrope_jax.search.cli import search
+
+        p = self.plan
+        result = search(f"hf:{self.model_dir('pretrain')}", self.workdir / "search_longrope2",
+                        target_length=p.finetune_length, data=self.books_spec("search"), split="train",
+                        attention="blockwise", attention_chunk=p.attention_chunk, objective="needle",
+                        search_space="longrope2", **p.search_longrope2)
+        return {"needle_perplexity": result["perplexity"], "seeds": result["seeds"], "evaluated": result["evaluated"],
+                "critical_pair": result["config"]["critical_pair"]}
+
+    def search_check(self):
+        """The held-out check of the searches, one compile per scale: the seeds (PI, NTK, YaRN factors), the top
+        `check_top` candidates of the LongRoPE search and (at finetune_scale) LongRoPE2's best are scored by
+        plain perplexity on one window (BOS + first n - 1 tokens) of each search book, each check book (other
+        training books) and each validation book. The LongRoPE factors used downstream are the candidate with
+        the lowest perplexity on the check books, so the search's winner must also win on books it never saw."""
+        from longrope_jax.data.sources import open_source
+        from longrope_jax.data.tokenizer import build_tokenizer
+        from longrope_jax.io.artifacts import load_model
+        from longrope_jax.search.cli import SearchConfig, seeds_for, with_attention
+        from longrope_jax.search.evolution import RESULT_FILE, ROPE_SCALING_FILE, STATE_FILE
+        from longrope_jax.search.fitness import PerplexityEvaluator, eval_windows
+
+        p = self.plan
+        model_cfg, params = load_model(f"hf:{self.model_dir('pretrain')}", "demo pretrain")
+        model_cfg = with_attention(model_cfg, "blockwise", p.attention_chunk)
+        tok = build_tokenizer("byte")
+        sets = {"search": (open_source(self.books_spec("search"), "train"), p.search["docs"]),
+                "check": (open_source(self.books_spec("check"), "train"), p.check_docs),
+                "validation": (open_source("kjv", "validation"), None)}
+        out = {"books": self.books(), "scales": {}}
+        for s in p.search_scales:
+            n = p.context * s
+            run = self.workdir / f"search_{s}x"
+            result = json.loads((run / "long" / RESULT_FILE).read_text())
+            config = SearchConfig(**result["config"])
+            space = config.space(len(result["factors"]))
+            cands = {f"{k} seed": space.factors(space.snap(f, 0)) for k, f in seeds_for(config, model_cfg).items()}
+            history = json.loads((run / "long" / STATE_FILE).read_text())["history"]
+            ranked = sorted(range(len(history)), key=lambda i: history[i][1])  # stable: evaluation order on ties
+            top = []  # the best check_top candidates other than the seeds (listed already)
+            for i in ranked:
+                f = space.factors(np.asarray(history[i][0], np.int64))
+                if len(top) < p.check_top and not any(np.array_equal(f, g) for g in list(cands.values()) + top):
+                    top.append(f)
+            cands.update({f"LongRoPE #{rank + 1}": f for rank, f in enumerate(top)})
+            if s == p.finetune_scale and (self.workdir / "search_longrope2" / "long" / RESULT_FILE).exists():
+                r2 = json.loads((self.workdir / "search_longrope2" / "long" / RESULT_FILE).read_text())
+                cands["LongRoPE2 best"] = np.asarray(r2["factors"])
+            windows, parts = [], {}
+            for name, (docs, count) in sets.items():
+                w = eval_windows(docs, tok, n, count if count is not None else len(docs))
+                parts[name] = (len(windows), len(windows) + len(w))
+                windows += list(w)
+            ev = PerplexityEvaluator(model_cfg, params, np.asarray(windows), original_length=p.context,
+                                     target_length=n, candidates_per_call=p.search["candidates_per_call"])
+            sums_NxC = _nll_sums(ev, np.stack(list(cands.values())))
+            rows = []
+            for c, name in enumerate(cands):
+                row = {"name": name, **{k: float(np.exp(sums_NxC[a:b, c].sum() / ((b - a) * (n - 1))))
+                                        for k, (a, b) in parts.items()}}
+                rows.append(row)
+            pool = [r for r in rows if not r["name"].startswith("LongRoPE2")]
+            chosen = min(pool, key=lambda r: r["check"])
+            scaling = json.loads((run / ROPE_SCALING_FILE).read_text())
+            scaling["long_factor"] = [float(x) for x in cands[chosen["name"]]]
+            write_atomic(run / SELECTED_FILE, json.dumps(scaling, indent=1))
+            out["scales"][str(s)] = {"length": n, "rows": rows, "selected": chosen["name"],
+                                     "windows": {k: b - a for k, (a, b) in parts.items()},
+                                     "search_best": result["perplexity"], "search_seeds": result["seeds"]}
+        target = self.workdir / "search_check"
+        target.mkdir(parents=True, exist_ok=True)
+        write_atomic(target / CHECK_FILE, json.dumps(out, indent=1))
+        return {str(s): v["selected"] for s, v in out["scales"].items()}
 
     def max_length(self, scaling: RopeScaling | None) -> int:
         """A method scaled s times is evaluated up to s L (its target); the model's own RoPE (None),
@@ -94,6 +224,9 @@ class Study:
             methods[f"NTK {s}x"] = RopeScaling("ntk", factor=f)
             methods[f"YaRN {s}x"] = RopeScaling("yarn", factor=f, original_max_position_embeddings=p.context)
             methods[f"LongRoPE {s}x"] = RopeScaling.from_hf(read_rope_scaling(self.factors_file(s), f"search_{s}x"))
+            if s == p.finetune_scale:
+                methods[f"LongRoPE2 {s}x"] = RopeScaling.from_hf(
+                    read_rope_scaling(self.longrope2_factors_file(), "search_longrope2"))
         methods["dynamic NTK"] = RopeScaling("dynamic", factor=1.0)
         return methods
 
@@ -121,8 +254,17 @@ class Study:
             c.rope.update(type="linear", factor=float(p.finetune_scale))
         elif method == "yarn":
             c.rope.update(type="yarn", factor=float(p.finetune_scale), original_max_position_embeddings=p.context)
-        else:
+        elif method == "longrope":
             c.rope.update(type="longrope", factors_file=str(self.factors_file(p.finetune_scale)))
+        else:
+            # LongRoPE2's mixed context window training: every packed document takes the short factors (all 1.0,
+            # the original RoPE) when it is at most L long and the searched long factors otherwise. That needs
+            # rows holding several documents of both kinds: pack="concat" lays documents end to end and cuts
+            # rows anywhere, so a row holds book pieces of any length next to passkey documents (0..4L-2
+            # characters); "fit" pads a row rather than cut a short document (a long book still fills whole
+            # rows alone), and "document" gives one document per row.
+            c.rope.update(type="longrope", factors_file=str(self.longrope2_factors_file()), mixed_window=True)
+            c.data.pack = "concat"
         summary = train(c, self.workdir / f"finetune_{method}")
         return {"loss": (summary.get("last") or {}).get("loss"), "eval": summary.get("eval")}
 
@@ -166,3 +308,18 @@ class Study:
         from longrope_jax.demo import report as demo_report
 
         return demo_report.write_report(self.workdir, self.plan)
+
+
+def _nll_sums(ev, factors_CxD) -> np.ndarray:
+    """NLL sums [windows, candidates] from a PerplexityEvaluator (per window, unlike its mean perplexity)."""
+    import jax.numpy as jnp
+
+    c, out = ev.candidates_per_call, []
+    factors = np.asarray(factors_CxD, np.float32)
+    for i in range(0, len(factors), c):
+        f = factors[i: i + c]
+        pad = c - len(f)
+        f = np.concatenate([f, np.repeat(f[-1:], pad, 0)]) if pad else f
+        sums = np.asarray(ev.jitted(ev.params, jnp.asarray(f), jnp.zeros(c, jnp.int32), ev.windows), np.float64)
+        out.append(sums[:, : c - pad])
+    return np.concatenate(out, axis=1)

@@ -35,3 +35,41 @@ def test_findings_and_discussion_follow_the_numbers(blows_up):
     assert ("grows only" in text) != blows_up and ("did not form the retrieval skill" in text) != blows_up
     assert "PI divides every frequency by s" in text  # PI is last at both scales
     assert "passkey accuracy at 1024 is pi 90%" in text if blows_up else "pi 10%" in text
+
+
+@pytest.mark.parametrize("two_wins", [True, False])
+def test_longrope2_finding_and_discussion_follow_the_numbers(two_wins):
+    from longrope_jax.demo import report as demo_report
+
+    plan = Plan.full()
+    base = _ppl_rows("base", {("none", 256): 6.0, ("none", 1024): 7.0, ("LongRoPE 4x", 1024): 6.9,
+                              ("LongRoPE2 4x", 1024): 6.8 if two_wins else 7.1})
+    two = (5.5, 5.9) if two_wins else (5.8, 6.2)
+    tuned = (_ppl_rows("longrope fine-tuned", {("own", 256): 5.9, ("own", 1024): 5.6})
+             + _ppl_rows("longrope2 fine-tuned", {("own", 256): two[1], ("own", 1024): two[0]}))
+    facts = {f["claim"][:40]: f for f in demo_report.findings(plan, base, tuned, [])}
+    f = next(v for k, v in facts.items() if "LongRoPE2" in k)
+    assert f["held"] is two_wins and f"LongRoPE2 {two[0]:.3g} vs LongRoPE 5.6" in f["measured"]
+    text = " ".join(demo_report.longrope2_discussion(plan, base, tuned))
+    word = "lower" if two_wins else "higher"
+    assert f"without fine-tuning LongRoPE2 {6.8 if two_wins else 7.1} is {word} than LongRoPE 6.9" in text
+    assert f"after fine-tuning LongRoPE2 {two[0]:.3g} is {word} than LongRoPE 5.6" in text
+
+
+def test_check_table_puts_search_check_and_validation_books_side_by_side():
+    from longrope_jax.demo import report as demo_report
+
+    rows = [{"name": "ntk seed", "search": 7.0, "check": 7.1, "validation": 7.2},
+            {"name": "LongRoPE #1", "search": 6.8, "check": 7.3, "validation": 7.4},
+            {"name": "LongRoPE #2", "search": 6.9, "check": 7.0, "validation": 7.1},
+            {"name": "LongRoPE2 best", "search": 7.5, "check": 7.6, "validation": 7.7}]
+    check = {"scales": {"4": {"rows": rows, "selected": "LongRoPE #2",
+                              "windows": {"search": 5, "check": 5, "validation": 6}}}}
+    lines = demo_report.check_table(check)
+    assert lines[0] == "| scale | factors | search books (5) | check books (5) | validation books (6) |"
+    assert "| 4x | NTK (seed) | 7 | 7.1 | 7.2 |" in lines
+    assert "| 4x | **LongRoPE #2 (selected)** | 6.9 | 7 | 7.1 |" in lines
+    text = " ".join(demo_report.check_discussion(check))
+    # the search's best beats the seed on its own books, loses on the unseen ones
+    assert "below the best seed on the search books (-0.2)" in text
+    assert "at or above on the check books (+0.2)" in text and "at or above on the validation books (+0.2)" in text
