@@ -4,7 +4,7 @@ all without fine-tuning. Stages (under WORKDIR/real, resumable like the tiny stu
   model        `models get smollm2`: the HF directory (config.json, model.safetensors, tokenizer.json)
   convert      our logits against transformers' LlamaForCausalLM on a KJV validation prefix
   search       LongRoPE factors for 2L (L = 8192, SmolLM2's trained length) with a small, stated budget
-  perplexity   none, PI, NTK, YaRN, dynamic NTK and LongRoPE x2 at L and 2L on held-out KJV books
+  perplexity   none, PI, NTK, YaRN, dynamic NTK and LongRoPE x2 at L and 2L on the same held-out KJV books
   passkey      retrieval at L and 2L for none and the two best methods at 2L
   report       WORKDIR/real/report.md: tables, plot, stage times and the findings checked on the rows
 
@@ -105,6 +105,21 @@ def conversion_check(hf_dir, length: int, *, data_dir=None, params=None) -> dict
             "reference": f"transformers {__import__('transformers').__version__} LlamaForCausalLM, fp32"}
 
 
+def finished_rows(out_dir: Path, spec, hf_scalings: dict):
+    """The perplexity rows of an earlier evaluation in `out_dir` made with the same books, lengths and methods
+    (an interrupted stage resumes per length: a 16k window takes minutes on CPU), else None."""
+    from longrope_jax.eval.report import EVAL_FILE
+
+    try:
+        saved = json.loads((Path(out_dir) / EVAL_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    s = saved.get("settings", {})
+    same = (s.get("docs") == spec.docs and s.get("min_tokens") == spec.min_tokens and s.get("truncate") == spec.truncate
+            and s.get("lengths") == list(spec.lengths) and saved.get("methods") == json.loads(json.dumps(hf_scalings)))
+    return saved.get("perplexity") if same else None
+
+
 class RealStudy:
     """The real-model stages; `model_dir` None is `models get smollm2`'s default directory."""
 
@@ -169,13 +184,19 @@ class RealStudy:
 
     def perplexity(self):
         from longrope_jax.eval.evaluate import evaluate
+        from longrope_jax.eval.methods import hf_methods
         from longrope_jax.io.hf import load_hf
 
         model, rows = load_hf(self.hf_dir, scan_layers=True), []  # one scanned layer: compiles ~1.6x faster
-        for n in self.plan.lengths:  # one window per document: BOS + its first n - 1 tokens
-            spec = self._spec(lengths=(n,), methods=methods(self.plan, self.factors_file), docs=self.docs_at(n),
-                              min_tokens=n - 1, truncate=True, batch_size=1)
-            rows += evaluate(model, spec, self.workdir / "eval" / f"ppl_{n}")["perplexity"]
+        longest = self.plan.lengths[-1]
+        books = self.docs_at(longest)
+        every = methods(self.plan, self.factors_file)
+        for n in self.plan.lengths:  # the same books at every length, each one window: BOS + its first n - 1 tokens
+            spec = self._spec(lengths=(n,), methods=every, docs=books, min_tokens=longest - 1, truncate=True,
+                              batch_size=1)
+            out = self.workdir / "eval" / f"ppl_{n}"
+            done = finished_rows(out, spec, hf_methods(every, model[0]))
+            rows += done if done is not None else evaluate(model, spec, out)["perplexity"]
         (self.workdir / "perplexity.json").write_text(json.dumps(rows, indent=1))
         return {"rows": len(rows)}
 

