@@ -4,7 +4,7 @@ all without fine-tuning. Stages (under WORKDIR/real, resumable like the tiny stu
   model        `models get smollm2`: the HF directory (config.json, model.safetensors, tokenizer.json)
   convert      our logits against transformers' LlamaForCausalLM on a KJV validation prefix
   search       LongRoPE factors for 2L (L = 8192, SmolLM2's trained length) with a small, stated budget
-  perplexity   none, PI, NTK, YaRN, dynamic NTK and LongRoPE x2 at L and 2L on the same held-out KJV books
+  perplexity   none, PI, NTK, YaRN, dynamic NTK and LongRoPE x2 at 4096, L and 2L on the same held-out KJV books
   passkey      retrieval at L and 2L for none and the two best methods at 2L
   report       WORKDIR/real/report.md: tables, plot, stage times and the findings checked on the rows
 
@@ -39,6 +39,7 @@ class RealPlan:
     search: dict = dataclasses.field(default_factory=lambda: {
         "population": 4, "mutations": 2, "crossovers": 2, "parents": 2, "iterations": 1, "docs": 1,
         "candidates_per_call": 1})
+    short_lengths: tuple[int, ...] = (4096,)  # perplexity also at these (below L), on the same books
     passkey_depths: int = 2  # the key at the start and at the end of the prompt
     passkey_trials: int = 1
     passkey_lengths: tuple[int, ...] | None = None  # None: L and 2L
@@ -54,7 +55,7 @@ class RealPlan:
         return cls(length=1024, docs=2, check_length=512, attention_chunk=512,
                    search={"population": 4, "mutations": 2, "crossovers": 2, "parents": 2, "iterations": 1,
                            "docs": 1, "candidates_per_call": 1},
-                   passkey_depths=2, passkey_trials=1,
+                   short_lengths=(), passkey_depths=2, passkey_trials=1,
                    expected_s={"model": 15, "convert": 20, "search": 60, "perplexity": 150, "passkey": 120,
                                "report": 5})
 
@@ -191,7 +192,7 @@ class RealStudy:
         longest = self.plan.lengths[-1]
         books = self.docs_at(longest)
         every = methods(self.plan, self.factors_file)
-        for n in self.plan.lengths:  # the same books at every length, each one window: BOS + its first n - 1 tokens
+        for n in (*self.plan.short_lengths, *self.plan.lengths):  # the same books at every length, one window each
             spec = self._spec(lengths=(n,), methods=every, docs=books, min_tokens=longest - 1, truncate=True,
                               batch_size=1)
             out = self.workdir / "eval" / f"ppl_{n}"

@@ -437,7 +437,7 @@ def write_real_report(workdir: Path, plan) -> dict:
     skipped_file = workdir / "passkey_skipped.json"
     skipped = json.loads(skipped_file.read_text()) if skipped_file.exists() else {}
     L, trained = plan.length, 8192
-    lengths = [L, 2 * L]
+    lengths = [*plan.short_lengths, L, 2 * L]
     evaluate.plot_perplexity(rows, workdir / "perplexity.png", trained_length=trained if trained <= 2 * L else L)
     if pk:
         evaluate.plot_passkey(pk, workdir / "passkey.png")
@@ -447,7 +447,7 @@ def write_real_report(workdir: Path, plan) -> dict:
                       "measured": f"not measured: no passkey prompt of {2 * L} tokens could be built (below)",
                       "held": None})
     notes = real_discussion(L, trained, rows, pk, facts)
-    pk_table = markdown_passkey([{"model": "SmolLM2", **r} for r in pk], lengths).replace("SmolLM2, ", "")
+    pk_table = markdown_passkey([{"model": "SmolLM2", **r} for r in pk], [L, 2 * L]).replace("SmolLM2, ", "")
     quick = 2 * L <= trained
     parts = [
         f"# longrope_jax demo, real model: SmolLM2-135M-Instruct at L={L} and 2L={2 * L}",

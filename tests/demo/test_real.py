@@ -13,7 +13,7 @@ from longrope_jax.demo import report as demo_report
 TINY = real.RealPlan(length=256, docs=1, check_length=64, attention_chunk=256,
                      search={"population": 3, "mutations": 1, "crossovers": 1, "parents": 1, "iterations": 0, "docs": 1,
                              "candidates_per_call": 3},
-                     passkey_depths=1, passkey_trials=1, passkey_lengths=(512,), expected_s={})
+                     short_lengths=(128,), passkey_depths=1, passkey_trials=1, passkey_lengths=(512,), expected_s={})
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_real_stage_measures_every_method_at_l_and_2l_and_checks_the_findings(st
     assert list(times) == ["model", "convert", "search", "perplexity", "passkey", "report"]
     rows = json.loads((workdir / "perplexity.json").read_text())
     want = {"none", "PI", "NTK", "YaRN", "dynamic NTK", "LongRoPE"}
-    for n in (256, 512):
+    for n in (128, 256, 512):
         at = {r["method"]: r["ppl_window_mean"] for r in rows if r["length"] == n}
         assert set(at) == want and all(np.isfinite(v) and v > 1 for v in at.values()), at
     # Inside the trained 8192, dynamic NTK leaves RoPE as it is: equal to none.
