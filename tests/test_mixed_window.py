@@ -106,3 +106,8 @@ def test_training_config_sets_it_and_refuses_a_length_independent_rope(tmp_path)
         model_config(c)
     c.rope.type, c.rope.factor = "dynamic", 2.0
     assert model_config(c).mixed_window is True
+
+
+def test_a_non_boolean_mixed_window_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"LlamaConfig.mixed_window: expected true or false, got 'yes'"):
+        _config(mixed_window="yes")

@@ -189,7 +189,7 @@ class Study:
                 windows += list(w)
             ev = PerplexityEvaluator(model_cfg, params, np.asarray(windows), original_length=p.context,
                                      target_length=n, candidates_per_call=p.search["candidates_per_call"])
-            sums_NxC = _nll_sums(ev, np.stack(list(cands.values())))
+            sums_NxC = ev.window_sums(np.stack(list(cands.values())))
             rows = []
             for c, name in enumerate(cands):
                 row = {"name": name, **{k: float(np.exp(sums_NxC[a:b, c].sum() / ((b - a) * (n - 1))))
@@ -309,17 +309,3 @@ class Study:
 
         return demo_report.write_report(self.workdir, self.plan)
 
-
-def _nll_sums(ev, factors_CxD) -> np.ndarray:
-    """NLL sums [windows, candidates] from a PerplexityEvaluator (per window, unlike its mean perplexity)."""
-    import jax.numpy as jnp
-
-    c, out = ev.candidates_per_call, []
-    factors = np.asarray(factors_CxD, np.float32)
-    for i in range(0, len(factors), c):
-        f = factors[i: i + c]
-        pad = c - len(f)
-        f = np.concatenate([f, np.repeat(f[-1:], pad, 0)]) if pad else f
-        sums = np.asarray(ev.jitted(ev.params, jnp.asarray(f), jnp.zeros(c, jnp.int32), ev.windows), np.float64)
-        out.append(sums[:, : c - pad])
-    return np.concatenate(out, axis=1)

@@ -143,7 +143,8 @@ class PerplexityEvaluator:
         return jax.lax.map(lambda wm: per_candidate(factors_CxD, start_tokens_C, *wm),
                            (windows_NxL, score_mask_NxL))  # [N, C]
 
-    def __call__(self, factors_CxD, start_tokens_C=None) -> np.ndarray:
+    def window_sums(self, factors_CxD, start_tokens_C=None) -> np.ndarray:
+        """Scored-token NLL sums per window and candidate, [N, C] float64."""
         factors = np.asarray(factors_CxD, np.float32)
         if factors.ndim != 2 or factors.shape[1] != self.d_half:
             raise ValueError(f"factors: expected shape [candidates, {self.d_half}], got {factors.shape}")
@@ -162,7 +163,10 @@ class PerplexityEvaluator:
             args = (self.params, jnp.asarray(f), jnp.asarray(s), self.windows)
             if self.score_mask is not None:
                 args += (self.score_mask,)
-            sums_NxC = np.asarray(self.jitted(*args), np.float64)
-            out.append(sums_NxC.sum(0)[: c - pad])
+            out.append(np.asarray(self.jitted(*args), np.float64)[:, : c - pad])
+        return np.concatenate(out, axis=1)
+
+    def __call__(self, factors_CxD, start_tokens_C=None) -> np.ndarray:
+        out = [self.window_sums(factors_CxD, start_tokens_C).sum(0)]
         ppl = perplexity(np.concatenate(out) / self.scored_tokens)
         return np.where(np.isnan(ppl), math.inf, ppl)  # a NaN candidate ranks last
