@@ -299,16 +299,24 @@ class Attention(nn.Module):
             mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
             return attn_lib.dense_attention(q, k, v, mask)
         return attn_lib.blockwise_attention(q, k, v, positions, positions, segment_ids, segment_ids, chunk=chunk,
-                                            sliding_window=cfg.sliding_window)
+                                            sliding_window=cfg.sliding_window, q_chunk=self._q_chunk(length, chunk))
 
-    def _cpu_blockwise(self, length: int) -> bool:
-        """Whether `dense` runs as CPU-sized blockwise attention: on CPU devices, with the sequence unsplit,
-        at a length that splits into CPU_CHUNK blocks (see benchmarks/attention.py for the crossover)."""
-        if length < attn_lib.CPU_BLOCKWISE_MIN or length % attn_lib.CPU_CHUNK:
-            return False
+    def _on_cpu(self) -> bool:
+        """Whether this runs on CPU devices with the sequence unsplit."""
         if self.mesh is None:
             return jax.default_backend() == "cpu"
         return self.mesh.devices.flat[0].platform == "cpu" and attn_lib.seq_shards(self.mesh, rules_of(self)) == 1
+
+    def _cpu_blockwise(self, length: int) -> bool:
+        """Whether `dense` runs as CPU-sized blockwise attention: on CPU, at a length that splits into
+        CPU_CHUNK blocks (see benchmarks/attention.py for the crossover)."""
+        return length >= attn_lib.CPU_BLOCKWISE_MIN and not length % attn_lib.CPU_CHUNK and self._on_cpu()
+
+    def _q_chunk(self, length: int, chunk: int):
+        """The blockwise forward's query rows per block: on CPU, `cpu_q_chunk` where it is a multiple of
+        `chunk` (fewer loop steps, same numbers); elsewhere `chunk` (None)."""
+        rows = attn_lib.cpu_q_chunk(length)
+        return rows if rows > chunk and not rows % chunk and self._on_cpu() else None
 
     def _attend(self, q, k, v, positions, segment_ids):
         cfg = self.config
@@ -317,7 +325,7 @@ class Attention(nn.Module):
             # memory-bound passes while blocks of CPU_CHUNK stay in cache and skip fully masked pairs.
             return attn_lib.blockwise_attention(
                 q, k, v, positions, positions, segment_ids, segment_ids,
-                chunk=attn_lib.CPU_CHUNK, sliding_window=cfg.sliding_window,
+                chunk=attn_lib.CPU_CHUNK, sliding_window=cfg.sliding_window, q_chunk=self._q_chunk(q.shape[1], attn_lib.CPU_CHUNK),
             )
         if cfg.attention == "dense":
             mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
@@ -326,6 +334,7 @@ class Attention(nn.Module):
             return attn_lib.blockwise_attention(
                 q, k, v, positions, positions, segment_ids, segment_ids,
                 chunk=cfg.attention_chunk, sliding_window=cfg.sliding_window,
+                q_chunk=self._q_chunk(q.shape[1], cfg.attention_chunk),
             )
         if cfg.attention == "ring":
             return attn_lib.ring_attention(

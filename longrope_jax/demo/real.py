@@ -5,7 +5,7 @@ all without fine-tuning. Stages (under WORKDIR/real, resumable like the tiny stu
   convert      our logits against transformers' LlamaForCausalLM on a KJV validation prefix
   search       LongRoPE factors for 2L (L = 8192, SmolLM2's trained length) with a small, stated budget
   perplexity   none, PI, NTK, YaRN, dynamic NTK and LongRoPE x2 at 4096, L and 2L on the same held-out KJV books
-  passkey      retrieval at L and 2L for none and the two best methods at 2L
+  passkey      retrieval at the perplexity lengths for none and the two best methods at 2L (resumable per length)
   report       WORKDIR/real/report.md: tables, plot, stage times and the findings checked on the rows
 
 `--quick` runs the same stages at L = 1024 (windows inside SmolLM2's trained 8192: the run checks the
@@ -42,7 +42,7 @@ class RealPlan:
     short_lengths: tuple[int, ...] = (4096,)  # perplexity also at these (below L), on the same books
     passkey_depths: int = 2  # the key at the start and at the end of the prompt
     passkey_trials: int = 1
-    passkey_lengths: tuple[int, ...] | None = None  # None: L and 2L
+    passkey_lengths: tuple[int, ...] | None = None  # None: the perplexity lengths (short_lengths, L, 2L)
     expected_s: dict = dataclasses.field(default_factory=lambda: {
         "model": 15, "convert": 40, "search": 1500, "perplexity": 2400, "passkey": 1800, "report": 5})
 
@@ -121,6 +121,22 @@ def finished_rows(out_dir: Path, spec, hf_scalings: dict):
     return saved.get("perplexity") if same else None
 
 
+def finished_passkey(out_dir: Path, spec, methods: list[str]):
+    """The passkey rows of an earlier run in `out_dir` at the same length, depths and trials for the same
+    methods (the stage resumes per length), else None."""
+    from longrope_jax.eval.report import EVAL_FILE
+
+    try:
+        saved = json.loads((Path(out_dir) / EVAL_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    s, rows = saved.get("settings", {}), saved.get("passkey") or []
+    same = (s.get("passkey_lengths") == list(spec.passkey_lengths) and s.get("passkey_trials") == spec.passkey_trials
+            and len(s.get("passkey_depths") or ()) == spec.passkey_depths
+            and sorted({r["method"] for r in rows}) == sorted(methods))
+    return rows if same else None
+
+
 class RealStudy:
     """The real-model stages; `model_dir` None is `models get smollm2`'s default directory."""
 
@@ -131,6 +147,10 @@ class RealStudy:
     def stages(self):
         return [("model", self.model), ("convert", self.convert), ("search", self.search),
                 ("perplexity", self.perplexity), ("passkey", self.passkey), ("report", self.report)]
+
+    @property
+    def passkey_lengths(self) -> tuple[int, ...]:
+        return self.plan.passkey_lengths or (*self.plan.short_lengths, *self.plan.lengths)
 
     @property
     def hf_dir(self) -> Path:
@@ -212,10 +232,14 @@ class RealStudy:
         config, params = load_hf(self.hf_dir, scan_layers=True)  # prefill with blockwise attention: O(T x chunk)
         config = dataclasses.replace(config, attention="blockwise", attention_chunk=self.plan.attention_chunk)
         out, skipped = [], {}
-        for n in self.plan.passkey_lengths or self.plan.lengths:  # a length whose prompts cannot be built is recorded, not fatal
+        for n in self.passkey_lengths:  # a length whose prompts cannot be built is recorded, not fatal
             spec = self._spec(passkey_lengths=(n,), passkey_methods={m: every[m] for m in chosen},
                               methods={"none": every["none"]}, passkey_depths=self.plan.passkey_depths,
                               passkey_trials=self.plan.passkey_trials)
+            done = finished_passkey(self.workdir / "eval" / f"passkey_{n}", spec, chosen)
+            if done is not None:
+                out += done
+                continue
             try:
                 out += evaluate((config, params), spec, self.workdir / "eval" / f"passkey_{n}")["passkey"]
             except ValueError as e:

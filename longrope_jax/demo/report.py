@@ -447,7 +447,8 @@ def write_real_report(workdir: Path, plan) -> dict:
                       "measured": f"not measured: no passkey prompt of {2 * L} tokens could be built (below)",
                       "held": None})
     notes = real_discussion(L, trained, rows, pk, facts)
-    pk_table = markdown_passkey([{"model": "SmolLM2", **r} for r in pk], [L, 2 * L]).replace("SmolLM2, ", "")
+    pk_lengths = sorted({r["length"] for r in pk}) or [L, 2 * L]
+    pk_table = markdown_passkey([{"model": "SmolLM2", **r} for r in pk], pk_lengths).replace("SmolLM2, ", "")
     quick = 2 * L <= trained
     parts = [
         f"# longrope_jax demo, real model: SmolLM2-135M-Instruct at L={L} and 2L={2 * L}",

@@ -10,7 +10,8 @@ import pytest
 
 from longrope_jax import attention as attn
 from longrope_jax.sharding.rules import DEFAULT_RULES
-from tests.attention.inputs import assert_same_as_dense, packed_inputs
+from longrope_jax.attention.blockwise import block_schedule
+from tests.attention.inputs import RTOL, assert_same_as_dense, dense_ref, packed_inputs, rel
 
 
 @pytest.mark.parametrize("kv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
@@ -25,6 +26,38 @@ def test_blockwise_sliding_window_equals_dense():
     q, k, v, do, pos, seg = packed_inputs()
     fn = lambda q, k, v: attn.blockwise_attention(q, k, v, pos, pos, seg, seg, chunk=8, sliding_window=12)
     assert_same_as_dense(fn, q, k, v, do, pos, seg, window=12)
+
+
+@pytest.mark.parametrize("q_chunk, window", [(32, None), (64, None), (16, 12)])
+def test_blockwise_with_more_query_rows_than_keys_per_block_equals_dense(q_chunk, window):
+    # Documents of 40 and 24 tokens: blocks of 32 queries x 8 keys straddle the boundary (partial, masked),
+    # lie inside one document (fully visible, unmasked) or across it (skipped).
+    q, k, v, do, pos, seg = packed_inputs()
+    fn = lambda q, k, v: attn.blockwise_attention(q, k, v, pos, pos, seg, seg, chunk=8, q_chunk=q_chunk,
+                                                  sliding_window=window)
+    assert_same_as_dense(fn, q, k, v, do, pos, seg, window=window)
+
+
+def test_blockwise_on_zigzag_positions_equals_dense():
+    q, k, v, do, pos, seg = packed_inputs(docs=(64,))
+    idx = attn.zigzag_indices(64, 4)
+    take = lambda x: jnp.take(x, idx, axis=1)
+    fn = lambda q, k, v: attn.blockwise_attention(q, k, v, take(pos), take(pos), take(seg), take(seg), chunk=8, q_chunk=16)
+    out = jax.jit(fn)(take(q), take(k), take(v))
+    ref = jax.jit(lambda q, k, v: dense_ref(q, k, v, pos, seg))(q, k, v)
+    assert rel(out, take(ref)) < RTOL
+
+
+def test_block_schedule_of_a_causal_row_visits_each_needed_block_once():
+    pos = jnp.broadcast_to(jnp.arange(64), (2, 64))
+    seg = jnp.ones((2, 64), jnp.int32)
+    order, n_full, n_part = block_schedule(pos, pos, seg, seg, 16, 8, None)
+    # Query chunk i (16 rows) sees key blocks 0..2i+1 of 8: the first 2i fully, the two on the diagonal partly.
+    assert n_full.tolist() == [0, 2, 4, 6] and n_part.tolist() == [2, 2, 2, 2]
+    for i in range(4):
+        assert sorted(order[i, : 2 * i + 2].tolist()) == list(range(2 * i + 2))
+    _, n_full, n_part = block_schedule(pos, pos, seg, seg, 16, 8, 12)
+    assert n_full.tolist() == [0, 0, 0, 0] and n_part.tolist() == [2, 4, 4, 4]
 
 
 def test_chunk_must_divide_length():
