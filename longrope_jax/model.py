@@ -313,19 +313,20 @@ class Attention(nn.Module):
         return length >= attn_lib.CPU_BLOCKWISE_MIN and not length % attn_lib.CPU_CHUNK and self._on_cpu()
 
     def _q_chunk(self, length: int, chunk: int):
-        """The blockwise forward's query rows per block: on CPU, `cpu_q_chunk` where it is a multiple of
+        """Blockwise query rows per block: on CPU, those of `cpu_blocks` where they are a multiple of
         `chunk` (fewer loop steps, same numbers); elsewhere `chunk` (None)."""
-        rows = attn_lib.cpu_q_chunk(length)
+        rows = attn_lib.cpu_blocks(length)[0]
         return rows if rows > chunk and not rows % chunk and self._on_cpu() else None
 
     def _attend(self, q, k, v, positions, segment_ids):
         cfg = self.config
         if cfg.attention == "dense" and self._cpu_blockwise(q.shape[1]):
             # Same numbers (to float32 rounding) as dense; on XLA:CPU the [B,H,L,L] scores of dense are
-            # memory-bound passes while blocks of CPU_CHUNK stay in cache and skip fully masked pairs.
+            # memory-bound passes while `cpu_blocks` blocks stay in cache and skip fully masked pairs.
+            rows, keys = attn_lib.cpu_blocks(q.shape[1])
             return attn_lib.blockwise_attention(
                 q, k, v, positions, positions, segment_ids, segment_ids,
-                chunk=attn_lib.CPU_CHUNK, sliding_window=cfg.sliding_window, q_chunk=self._q_chunk(q.shape[1], attn_lib.CPU_CHUNK),
+                chunk=keys, sliding_window=cfg.sliding_window, q_chunk=rows,
             )
         if cfg.attention == "dense":
             mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)

@@ -3,7 +3,7 @@
 and the zig-zag layout that balances the causal ring. This file only gathers their public names.
 """
 
-from longrope_jax.attention.blockwise import CPU_BLOCKWISE_MIN, CPU_CHUNK, blockwise_attention, chunk_size, cpu_q_chunk
+from longrope_jax.attention.blockwise import CPU_BLOCKWISE_MIN, CPU_CHUNK, blockwise_attention, chunk_size, cpu_blocks
 from longrope_jax.attention.dense import attention_mask, dense_attention, group_heads
 from longrope_jax.attention.ring import ring_attention, seq_shards
 from longrope_jax.attention.splash import splash_attention
@@ -18,6 +18,6 @@ from longrope_jax.attention.zigzag import (
 
 ATTENTION_IMPLS = ("dense", "blockwise", "ring", "splash")
 
-__all__ = ["ATTENTION_IMPLS", "CPU_CHUNK", "CPU_BLOCKWISE_MIN", "cpu_q_chunk", "attention_mask", "blockwise_attention", "causal_blocks_per_device",
+__all__ = ["ATTENTION_IMPLS", "CPU_CHUNK", "CPU_BLOCKWISE_MIN", "cpu_blocks", "attention_mask", "blockwise_attention", "causal_blocks_per_device",
            "causal_critical_path", "causal_work", "chunk_size", "dense_attention", "group_heads", "ring_attention",
            "seq_shards", "splash_attention", "unzigzag", "zigzag", "zigzag_indices"]

@@ -18,15 +18,18 @@ NEG = -1e30  # online-softmax running max before any key is seen
 # tokens up (measured on a 2-core Xeon; see README, CPU attention). The model's `dense` uses them there.
 CPU_CHUNK = 128
 CPU_BLOCKWISE_MIN = 256
+FULL, PARTIAL, EMPTY = 0, 1, 2  # kinds of (query chunk, key chunk) pairs, in visiting order
 
 
-def cpu_q_chunk(length: int) -> int:
-    """Query rows per block for the CPU forward: more rows than keys per block (fewer, larger loop steps;
-    the [K, G, rows, 128] scores still fit in L2); 512 from 8k tokens, where it measured fastest."""
-    for rows in ((512, 256) if length >= 8192 else (256,)):
-        if length % rows == 0:
-            return rows
-    return CPU_CHUNK
+def cpu_blocks(length: int) -> tuple[int, int]:
+    """(query rows, keys) per block for CPU attention, by measurement on a 2-core Xeon (SmolLM2 shapes,
+    see README, CPU attention): 512 x 512 from 8k tokens (fewest loop steps; forward and backward both
+    fastest there), 256 x 128 below (a [K, G, 256, 128] score block stays in L2), 128 x 128 otherwise."""
+    if length >= 8192 and length % 512 == 0:
+        return 512, 512
+    if length % 256 == 0:
+        return 256, CPU_CHUNK
+    return CPU_CHUNK, CPU_CHUNK
 
 
 def chunk_size(length: int, chunk: int) -> int:
@@ -88,14 +91,11 @@ def _chunk_bounds(pos, seg, c):
     return p.min(1), p.max(1), s.min(1), s.max(1)
 
 
-def block_schedule(qpos, kpos, qseg, kseg, cq, ck, window):
-    """Which K/V blocks each query chunk needs, from chunk bounds: (order [nq, nk], n_full [nq], n_part [nq]).
-
-    Row i of `order` lists first the blocks that are surely fully visible to chunk i (one segment, all
-    keys at or before every query, inside the window), then those that may be partly visible, then the
-    rest, which are skipped. The bounds are conservative: a partial block is masked exactly, so any
-    layout (packing, zig-zag) stays exact, and the plain causal case skips every empty pair.
-    """
+def block_kinds(qpos, kpos, qseg, kseg, cq, ck, window):
+    """[nq, nk] kind of each (query chunk, key chunk) pair, from chunk bounds: FULL (surely every key visible
+    to every query: one segment, keys at or before every query, inside the window), PARTIAL (maybe some),
+    EMPTY (none). The bounds are conservative: a PARTIAL pair is masked exactly, so any layout (packing,
+    zig-zag) stays exact, and the plain causal case skips every empty pair."""
     qp0, qp1, qs0, qs1 = (x[:, None] for x in _chunk_bounds(qpos, qseg, cq))
     kp0, kp1, ks0, ks1 = (x[None] for x in _chunk_bounds(kpos, kseg, ck))
     maybe = (kp0 <= qp1) & (ks0 <= qs1) & (qs0 <= ks1)
@@ -103,9 +103,19 @@ def block_schedule(qpos, kpos, qseg, kseg, cq, ck, window):
     if window is not None:
         maybe &= qp0 - kp1 < window
         full &= qp1 - kp0 < window
-    kind = jnp.where(full, 0, jnp.where(maybe, 1, 2))
-    order = jnp.argsort(kind, axis=1, stable=True).astype(jnp.int32)
-    return order, jnp.sum(kind == 0, 1, dtype=jnp.int32), jnp.sum(kind == 1, 1, dtype=jnp.int32)
+    return jnp.where(full, FULL, jnp.where(maybe, PARTIAL, EMPTY))
+
+
+def visit_order(kinds):
+    """Per row of `kinds`: (order, n_full, n_partial): the column indices with the FULL ones first, then
+    the PARTIAL ones (the EMPTY ones last, never visited), and how many of each."""
+    order = jnp.argsort(kinds, axis=1, stable=True).astype(jnp.int32)
+    return order, jnp.sum(kinds == FULL, 1, dtype=jnp.int32), jnp.sum(kinds == PARTIAL, 1, dtype=jnp.int32)
+
+
+def block_schedule(qpos, kpos, qseg, kseg, cq, ck, window):
+    """For each query chunk, the key blocks to visit: `visit_order` of `block_kinds`."""
+    return visit_order(block_kinds(qpos, kpos, qseg, kseg, cq, ck, window))
 
 
 def fwd_block(q, k, v, qpos, kpos, qseg, kseg, acc, *, chunk, window, q_chunk=None):
@@ -159,58 +169,59 @@ def fwd_block(q, k, v, qpos, kpos, qseg, kseg, acc, *, chunk, window, q_chunk=No
     return _heads_last(_unchunk(o, 3)), _unchunk(m, 3), _unchunk(l, 3)
 
 
-def bwd_block(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, chunk, window):
+def bwd_block(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, chunk, window, q_chunk=None):
     """Gradients from one K/V block: (dq [B,Q,K,G,D], dk [B,S,K,D], dv [B,S,K,D]), all f32.
 
     Works on transposed scores [B,K,ck,G,cq] (keys as rows) with q, dO and k also held transposed, so
     all five matmuls per block are plain [m,k] x [k,n] dots batched over (B, K): no per-block transpose
-    of a [chunk, chunk] matrix, which XLA:CPU would otherwise copy before every dk/dv/dq dot.
+    of a [chunk, chunk] matrix, which XLA:CPU would otherwise copy before every dk/dv/dq dot. Each key
+    chunk loops only over the query chunks that see it (`block_kinds`), fully visible ones unmasked.
     """
-    cq, ck = chunk_size(q.shape[1], chunk), chunk_size(k.shape[1], chunk)
+    cq, ck = chunk_size(q.shape[1], q_chunk or chunk), chunk_size(k.shape[1], chunk)
+    q, qpos, kpos, qseg, kseg = lax.optimization_barrier((q, qpos, kpos, qseg, kseg))  # see fwd_block
     scale = q.shape[-1] ** -0.5
     q, s_scale = _scaled(q, scale)
-    q_xs = (_chunks(_heads_first(q), cq, 3), _chunks(_queries_t(q), cq, 4), _chunks(_heads_first(do), cq, 3),
-            _chunks(_queries_t(do), cq, 4), _chunks(lse, cq, 3), _chunks(delta, cq, 3),
-            _chunks(qpos, cq), _chunks(qseg, cq))
+    q_blocks, qt_blocks = _chunks(_heads_first(q), cq, 3), _chunks(_queries_t(q), cq, 4)
+    do_blocks, dot_blocks = _chunks(_heads_first(do), cq, 3), _chunks(_queries_t(do), cq, 4)
+    lse_blocks, delta_blocks = _chunks(lse, cq, 3), _chunks(delta, cq, 3)
+    qpos_blocks, qseg_blocks = _chunks(qpos, cq), _chunks(qseg, cq)
+    order, n_full, n_part = visit_order(block_kinds(qpos, kpos, qseg, kseg, cq, ck, window).T)
 
-    def k_step(dq, ys):
-        k_c, kt_c, v_c, kpos_c, kseg_c = ys
+    def k_step(dqt, ys):
+        k_c, kt_c, v_c, kpos_c, kseg_c, order_c, full_c, part_c = ys
 
-        def q_step(carry, xs):
-            q_c, qt_c, do_c, dot_c, lse_c, delta_c, qpos_c, qseg_c = xs
-            mask = _mask_t(qpos_c, kpos_c, qseg_c, kseg_c, window)[:, None, :, None, :]  # [B,1,ck,1,cq]
-
-            def compute(carry):
-                dk_c, dv_c = carry
-                st = jnp.einsum("bksd,bkdgq->bksgq", k_c, qt_c, preferred_element_type=jnp.float32)
-                if s_scale != 1.0:
-                    st = st * s_scale
-                pt = jnp.where(mask, jnp.exp(st - lse_c[:, :, None]), 0.0)
-                dv_c = dv_c + jnp.einsum("bksgq,bkgqd->bksd", pt.astype(do_c.dtype), do_c,
-                                         preferred_element_type=jnp.float32)
-                dpt = jnp.einsum("bksd,bkdgq->bksgq", v_c, dot_c, preferred_element_type=jnp.float32)
-                dst = pt * (dpt - delta_c[:, :, None])
-                if s_scale != 1.0:
-                    dst = dst * s_scale
-                # dq = scale * ds k; dk = scale * ds^T q = ds^T (scale q), with q already scaled when f32.
-                dqt_c = jnp.einsum("bkds,bksgq->bkdgq", kt_c, dst.astype(kt_c.dtype), preferred_element_type=jnp.float32)
-                dk_c = dk_c + jnp.einsum("bksgq,bkgqd->bksd", dst.astype(q_c.dtype), q_c,
-                                         preferred_element_type=jnp.float32)
-                return (dk_c, dv_c), dqt_c
-
-            def skip(carry):
-                return carry, jnp.zeros(qt_c.shape, jnp.float32)
-
-            return lax.cond(mask.any(), compute, skip, carry)
+        def fold(j, carry, masked):
+            dk_c, dv_c, dqt = carry
+            i = order_c[j]
+            qt_c, do_c, dot_c = qt_blocks[i], do_blocks[i], dot_blocks[i]
+            st = jnp.einsum("bksd,bkdgq->bksgq", k_c, qt_c, preferred_element_type=jnp.float32)
+            if s_scale != 1.0:
+                st = st * s_scale
+            pt = jnp.exp(st - lse_blocks[i][:, :, None])
+            if masked:
+                mask = _mask_t(qpos_blocks[i], kpos_c, qseg_blocks[i], kseg_c, window)[:, None, :, None, :]
+                pt = jnp.where(mask, pt, 0.0)  # [B,1,ck,1,cq]
+            dv_c = dv_c + jnp.einsum("bksgq,bkgqd->bksd", pt.astype(do_c.dtype), do_c, preferred_element_type=jnp.float32)
+            dpt = jnp.einsum("bksd,bkdgq->bksgq", v_c, dot_c, preferred_element_type=jnp.float32)
+            dst = pt * (dpt - delta_blocks[i][:, :, None])
+            if s_scale != 1.0:
+                dst = dst * s_scale
+            # dq = scale * ds k; dk = scale * ds^T q = ds^T (scale q), with q already scaled when f32.
+            dqt_c = jnp.einsum("bkds,bksgq->bkdgq", kt_c, dst.astype(kt_c.dtype), preferred_element_type=jnp.float32)
+            dk_c = dk_c + jnp.einsum("bksgq,bkgqd->bksd", dst.astype(q_blocks.dtype), q_blocks[i],
+                                     preferred_element_type=jnp.float32)
+            dqt = lax.dynamic_update_index_in_dim(dqt, dqt[i] + dqt_c, i, 0)
+            return dk_c, dv_c, dqt
 
         zeros = jnp.zeros(k_c.shape, jnp.float32)
-        (dk_c, dv_c), dqt_parts = lax.scan(q_step, (zeros, zeros), q_xs)
-        return dq + _unchunk(dqt_parts, 4), (dk_c, dv_c)
+        carry = lax.fori_loop(0, full_c, functools.partial(fold, masked=False), (zeros, zeros, dqt))
+        dk_c, dv_c, dqt = lax.fori_loop(full_c, full_c + part_c, functools.partial(fold, masked=True), carry)
+        return dqt, (dk_c, dv_c)
 
     kv_xs = (_chunks(jnp.moveaxis(k, 1, 2), ck, 2), _chunks(_keys_t(k), ck, 3), _chunks(jnp.moveaxis(v, 1, 2), ck, 2),
-             _chunks(kpos, ck), _chunks(kseg, ck))
-    b, q_len, kvh, g, d = q.shape
-    dqt, (dk, dv) = lax.scan(k_step, jnp.zeros((b, kvh, d, g, q_len), jnp.float32), kv_xs)
+             _chunks(kpos, ck), _chunks(kseg, ck), order, n_full, n_part)
+    dqt, (dk, dv) = lax.scan(k_step, jnp.zeros(qt_blocks.shape, jnp.float32), kv_xs)
+    dqt = _unchunk(dqt, 4)
     if s_scale == 1.0:
         dqt = dqt * scale
     return jnp.moveaxis(dqt, (1, 2, 3, 4), (2, 4, 3, 1)), jnp.moveaxis(_unchunk(dk, 2), 1, 2), jnp.moveaxis(_unchunk(dv, 2), 1, 2)
@@ -246,7 +257,8 @@ def _blockwise_fwd(q, k, v, qpos, kpos, qseg, kseg, chunk, window, q_chunk):
 
 def _blockwise_bwd(chunk, window, q_chunk, res, do):
     q, k, v, qpos, kpos, qseg, kseg, o, lse = res
-    dq, dk, dv = bwd_block(q, k, v, do, lse, softmax_delta(o, do), qpos, kpos, qseg, kseg, chunk=chunk, window=window)
+    dq, dk, dv = bwd_block(q, k, v, do, lse, softmax_delta(o, do), qpos, kpos, qseg, kseg, chunk=chunk, window=window,
+                           q_chunk=q_chunk)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
