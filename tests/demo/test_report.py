@@ -1,4 +1,9 @@
-"""The demo's report: findings and discussion on hand-made rows where each claim holds and where it fails."""
+"""The demo's report: findings and discussion on hand-made rows where each claim holds and where it fails;
+`demo --compare` on hand-made runs."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -73,3 +78,31 @@ def test_check_table_puts_search_check_and_validation_books_side_by_side():
     # the search's best beats the seed on its own books, loses on the unseen ones
     assert "below the best seed on the search books (-0.2)" in text
     assert "at or above on the check books (+0.2)" in text and "at or above on the validation books (+0.2)" in text
+
+
+def test_compare_runs_finds_each_changed_number_and_ignores_timings(tmp_path):
+    from longrope_jax.demo.compare import compare_runs
+
+    for run, (ppl, seconds) in {"a": (6.5, 10.0), "b": (6.5, 99.0)}.items():
+        (tmp_path / run / "eval").mkdir(parents=True)
+        (tmp_path / run / "stages.json").write_text(json.dumps({"pretrain": {"seconds": seconds, "loss": 1.25}}))
+        (tmp_path / run / "eval" / "eval.json").write_text(json.dumps({"perplexity": [{"method": "PI", "ppl": ppl}]}))
+    assert compare_runs(tmp_path / "a", tmp_path / "b") == (2, [])
+    (tmp_path / "b" / "eval" / "eval.json").write_text(json.dumps({"perplexity": [{"method": "PI", "ppl": 6.6}]}))
+    (tmp_path / "b" / "extra.json").write_text("{}")
+    files, diffs = compare_runs(tmp_path / "a", tmp_path / "b")
+    assert diffs == ["extra.json: only in " + str(tmp_path / "b"), "eval/eval.json.perplexity[0].ppl: 6.5 vs 6.6"]
+    assert compare_runs(tmp_path / "a", tmp_path / "b", rel=0.02)[1] == ["extra.json: only in " + str(tmp_path / "b")]
+    with pytest.raises(ValueError, match="holds no demo run"):
+        compare_runs(tmp_path / "a", tmp_path / "eval")
+
+
+def test_demo_compare_cli_exits_1_on_a_difference_and_2_on_a_missing_run(tmp_path):
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "stages.json").write_text(json.dumps({"x": {"seconds": 1, "v": run}}))
+    cmd = [sys.executable, "-m", "longrope_jax", "demo", "--workdir", str(tmp_path / "a"), "--compare"]
+    run = subprocess.run([*cmd, str(tmp_path / "b")], capture_output=True, text=True, check=False)
+    assert run.returncode == 1 and 'stages.json.x.v: "a" vs "b"' in run.stdout
+    run = subprocess.run([*cmd, str(tmp_path / "nothing")], capture_output=True, text=True, check=False)
+    assert run.returncode == 2 and "holds no demo run" in run.stderr and "Traceback" not in run.stderr
