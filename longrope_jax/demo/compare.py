@@ -2,7 +2,8 @@
 
 Walks every JSON file the two workdirs share (the stage records, eval results, search results, checks)
 and lists each value that differs, by file and key path. Wall-clock values (stage seconds, rates) are
-left out: they measure the machine, not the study. Files only one run has are listed too.
+left out: they measure the machine, not the study; paths inside a run are compared relative to its
+workdir. Files only one run has are listed too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ TIME_KEYS = ("seconds", "elapsed", "wall", "per_s", "compile_s", "time")
 
 def _is_time(key: str) -> bool:
     return any(t in key for t in TIME_KEYS)
+
+
+def _relative(x, workdir: Path):
+    """`x` with the run's own workdir (as given and absolute) written as WORKDIR, in every string."""
+    if isinstance(x, str):
+        for d in (str(workdir.resolve()), str(workdir)):
+            x = x.replace(d, "WORKDIR")
+        return x
+    if isinstance(x, dict):
+        return {k: _relative(v, workdir) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_relative(v, workdir) for v in x]
+    return x
 
 
 def _diff(a, b, path: str, out: list[str], rel: float) -> None:
@@ -49,6 +63,6 @@ def compare_runs(first, second, rel: float = 0.0) -> tuple[int, list[str]]:
     names_b = {p.relative_to(second) for p in second.rglob("*.json")}
     out = [f"{n}: only in {first if n in names_a else second}" for n in sorted(names_a ^ names_b)]
     for name in sorted(names_a & names_b):
-        a, b = (json.loads((d / name).read_text()) for d in (first, second))
+        a, b = (_relative(json.loads((d / name).read_text()), d) for d in (first, second))
         _diff(a, b, str(name), out, rel)
     return len(names_a & names_b), out

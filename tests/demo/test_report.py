@@ -86,9 +86,11 @@ def test_compare_runs_finds_each_changed_number_and_ignores_timings(tmp_path):
     for run, (ppl, seconds) in {"a": (6.5, 10.0), "b": (6.5, 99.0)}.items():
         (tmp_path / run / "eval").mkdir(parents=True)
         (tmp_path / run / "stages.json").write_text(json.dumps({"pretrain": {"seconds": seconds, "loss": 1.25}}))
-        (tmp_path / run / "eval" / "eval.json").write_text(json.dumps({"perplexity": [{"method": "PI", "ppl": ppl}]}))
-    assert compare_runs(tmp_path / "a", tmp_path / "b") == (2, [])
-    (tmp_path / "b" / "eval" / "eval.json").write_text(json.dumps({"perplexity": [{"method": "PI", "ppl": 6.6}]}))
+        (tmp_path / run / "eval" / "eval.json").write_text(json.dumps({"perplexity": [{"method": "PI", "ppl": ppl}],
+                                                                       "model": f"hf:{tmp_path / run}/pretrain/hf"}))
+    assert compare_runs(tmp_path / "a", tmp_path / "b") == (2, [])  # paths inside each run compare as WORKDIR/...
+    (tmp_path / "b" / "eval" / "eval.json").write_text(json.dumps({"perplexity": [{"method": "PI", "ppl": 6.6}],
+                                                                   "model": f"hf:{tmp_path / 'b'}/pretrain/hf"}))
     (tmp_path / "b" / "extra.json").write_text("{}")
     files, diffs = compare_runs(tmp_path / "a", tmp_path / "b")
     assert diffs == ["extra.json: only in " + str(tmp_path / "b"), "eval/eval.json.perplexity[0].ppl: 6.5 vs 6.6"]
