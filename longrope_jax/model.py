@@ -314,9 +314,9 @@ class Attention(nn.Module):
 
     def _q_chunk(self, length: int, chunk: int):
         """Blockwise query rows per block: on CPU, those of `cpu_blocks` where they are a multiple of
-        `chunk` (fewer loop steps, same numbers); elsewhere `chunk` (None)."""
+        `chunk` and divide `length` (fewer loop steps, same numbers); elsewhere `chunk` (None)."""
         rows = attn_lib.cpu_blocks(length)[0]
-        return rows if rows > chunk and not rows % chunk and self._on_cpu() else None
+        return rows if rows > chunk and not rows % chunk and not length % rows and self._on_cpu() else None
 
     def _attend(self, q, k, v, positions, segment_ids):
         cfg = self.config
