@@ -55,26 +55,32 @@ def head_matrix(config, params):
     return w_ExV.astype(config.jnp_dtype)
 
 
-def _head_nll(hidden_xE, head_ExV, targets_x):
+def _head_nll(hidden_xE, head_ExV, targets_x, flat: bool):
+    """NLL of `targets` under hidden @ head. `flat` runs the head on [tokens, E] rows: XLA:CPU then takes
+    the head's gradient as one plain matmul instead of first transposing the [..., V] cotangent."""
+    if flat:
+        nll_T = _head_nll(hidden_xE.reshape(-1, hidden_xE.shape[-1]), head_ExV, targets_x.reshape(-1), False)
+        return nll_T.reshape(targets_x.shape)
     logits_xV = jnp.einsum("...e,ev->...v", hidden_xE, head_ExV, preferred_element_type=jnp.float32)
     return token_nll(logits_xV, targets_x)
 
 
-def chunked_token_nll(hidden_BxLxE, head_ExV, targets_BxL, *, chunk: int, shards: int = 1):
+def chunked_token_nll(hidden_BxLxE, head_ExV, targets_BxL, *, chunk: int, shards: int = 1, flat: bool = False):
     """NLL [B, L] of `targets` under logits = hidden @ head, `chunk` tokens of every sequence shard at a time.
 
     The length splits as (shards, chunks, chunk), so each scan step takes one chunk from every shard and
-    no device holds more than [B, chunk, V] logits (recomputed in the backward, not stored)."""
+    no device holds more than [B, chunk, V] logits (recomputed in the backward, not stored). `flat`: see
+    `_head_nll` (only without a mesh, whose rules name the batch and length axes)."""
     b, length, e = hidden_BxLxE.shape
     local = length // shards
     if local <= chunk:
-        return _head_nll(hidden_BxLxE, head_ExV, targets_BxL)
+        return _head_nll(hidden_BxLxE, head_ExV, targets_BxL, flat)
     if length % shards or local % chunk:
         raise ValueError(f"loss_chunk {chunk}: does not divide the per-shard length {length} / {shards} shards")
     n = local // chunk
     hidden_NxBxSxCxE = jnp.moveaxis(hidden_BxLxE.reshape(b, shards, n, chunk, e), 2, 0)
     targets_NxBxSxC = jnp.moveaxis(targets_BxL.reshape(b, shards, n, chunk), 2, 0)
-    step = jax.checkpoint(lambda h, t: _head_nll(h, head_ExV, t), policy=jax.checkpoint_policies.nothing_saveable)
+    step = jax.checkpoint(lambda h, t: _head_nll(h, head_ExV, t, flat), policy=jax.checkpoint_policies.nothing_saveable)
     _, nll_NxBxSxC = lax.scan(lambda _, xs: (None, step(*xs)), None, (hidden_NxBxSxCxE, targets_NxBxSxC))
     return jnp.moveaxis(nll_NxBxSxC, 0, 2).reshape(b, length)
 
@@ -93,7 +99,7 @@ def masked_nll(model: Llama, params, batch, targets_BxL, mask_BxL, *, rope_scali
     hidden_BxLxE = model.apply({"params": params}, tokens, positions=positions, segment_ids=segments,
                                rope_scaling=rope_scaling, balanced=shards > 1, hidden=True)
     nll_BxL = chunked_token_nll(hidden_BxLxE, head_matrix(model.config, params), targets_BxL,
-                                chunk=model.config.loss_chunk, shards=length_shards(model))
+                                chunk=model.config.loss_chunk, shards=length_shards(model), flat=model.mesh is None)
     return jnp.where(mask_BxL, nll_BxL, 0.0)
 
 

@@ -208,6 +208,18 @@ def _constrain(module, x, names):
     return nn.with_logical_constraint(x, names, rules=rules_of(module), mesh=module.mesh)
 
 
+def _tokens(module, x_BxLxF):
+    """`x` as [B*L, F] without a mesh, else unchanged. XLA:CPU computes a weight gradient contracted over
+    one token axis as a plain matmul, but over (B, L) it first copies the cotangent into a transposed
+    layout: a third of the tiny model's backward. A mesh keeps (B, L) for the sharding rules."""
+    return x_BxLxF.reshape(-1, *x_BxLxF.shape[2:]) if module.mesh is None else x_BxLxF
+
+
+def _untokens(module, x_TxF, like_BxLxE):
+    """`_tokens`' inverse: [B*L, ...] back to the [B, L, ...] of `like`."""
+    return x_TxF.reshape(*like_BxLxE.shape[:2], *x_TxF.shape[1:]) if module.mesh is None else x_TxF
+
+
 def _init(config: LlamaConfig, names: tuple[str, ...], init=None):
     init = init or nn.initializers.normal(config.initializer_range)
     return nn.with_logical_partitioning(init, names)
@@ -239,16 +251,18 @@ class Attention(nn.Module):
         cfg = self.config
         h, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
+        x_TxE = _tokens(self, x_BxLxE)
+
         def proj(name, heads, axis):
             return nn.DenseGeneral(
                 (heads, d), use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                 kernel_init=_init(cfg, ("embed", axis, "head_dim")),
                 bias_init=_init(cfg, (axis, "head_dim"), nn.initializers.zeros), name=name,
-            )(x_BxLxE)
+            )(x_TxE)
 
-        q_BxLxHxD = apply_rotary(proj("q_proj", h, "heads"), cos, sin)
-        k_BxLxKxD = apply_rotary(proj("k_proj", kv_heads, "kv_heads"), cos, sin)
-        v_BxLxKxD = proj("v_proj", kv_heads, "kv_heads")
+        q_BxLxHxD = apply_rotary(_untokens(self, proj("q_proj", h, "heads"), x_BxLxE), cos, sin)
+        k_BxLxKxD = apply_rotary(_untokens(self, proj("k_proj", kv_heads, "kv_heads"), x_BxLxE), cos, sin)
+        v_BxLxKxD = _untokens(self, proj("v_proj", kv_heads, "kv_heads"), x_BxLxE)
         q_BxLxHxD = _constrain(self, q_BxLxHxD, ("batch", "length", "heads", "head_dim"))
         if kv is None:
             o_BxLxHxD = self._attend(q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, positions_BxL, segment_ids_BxL)
@@ -264,7 +278,8 @@ class Attention(nn.Module):
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype,
             param_dtype=cfg.jnp_param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
             bias_init=_init(cfg, ("embed",), nn.initializers.zeros), name="o_proj",
-        )(o_BxLxHxD)
+        )(_tokens(self, o_BxLxHxD))
+        out_BxLxE = _untokens(self, out_BxLxE, x_BxLxE)
         if kv is None:
             return out_BxLxE
         return out_BxLxE, {"k": k_BxSxKxD, "v": v_BxSxKxD}
@@ -361,10 +376,12 @@ class MLP(nn.Module):
                 kernel_init=_init(cfg, names), bias_init=_init(cfg, names[1:], nn.initializers.zeros), name=name,
             )
 
-        gate_BxLxM = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x_BxLxE)
-        up_BxLxM = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x_BxLxE)
-        h_BxLxM = _constrain(self, nn.silu(gate_BxLxM) * up_BxLxM, ("batch", "length", "mlp"))
-        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h_BxLxM)
+        x_TxE = _tokens(self, x_BxLxE)  # T = B*L without a mesh, else (B, L)
+        gate_TxM = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x_TxE)
+        up_TxM = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x_TxE)
+        h_TxM = _constrain(self, nn.silu(gate_TxM) * up_TxM, ("batch", "length", "mlp"))
+        out_TxE = dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h_TxM)
+        return _untokens(self, out_TxE, x_BxLxE)
 
 
 class DecoderLayer(nn.Module):

@@ -88,6 +88,25 @@ def test_masked_and_sum_nll_equal_the_reference_on_packed_batches(model):
         assert float(total) == pytest.approx(want.sum(), rel=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [8, 64], ids=["chunked", "whole"])
+@pytest.mark.parametrize("flat", [False, True], ids=["BxL", "tokens"])
+def test_chunked_token_nll_and_its_gradient_equal_a_float64_log_softmax(chunk, flat):
+    rng = np.random.default_rng(4)
+    hidden, head = rng.standard_normal((3, 32, 16)), rng.standard_normal((16, 40)) * 0.5
+    targets = rng.integers(0, 40, (3, 32))
+    got = loss.chunked_token_nll(jnp.asarray(hidden, jnp.float32), jnp.asarray(head, jnp.float32),
+                                 jnp.asarray(targets), chunk=chunk, flat=flat)
+    np.testing.assert_allclose(got, nll64(hidden @ head, targets), rtol=1e-5, atol=1e-5)
+    # d(sum NLL)/d head = hidden^T (softmax - onehot), in float64
+    logits = hidden @ head
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("ble,blv->ev", hidden, p - np.eye(40)[targets])
+    grad = jax.grad(lambda w: jnp.sum(loss.chunked_token_nll(
+        jnp.asarray(hidden, jnp.float32), w, jnp.asarray(targets), chunk=chunk, flat=flat)))(jnp.asarray(head, jnp.float32))
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("layout", [(2, 4), (1, 8)], ids=["fsdp2xseq4", "fsdp1xseq8"])
 def test_zigzag_ring_under_a_mesh_equals_the_plain_order(model, layout):
     config, params = model
