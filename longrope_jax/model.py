@@ -314,7 +314,7 @@ class Attention(nn.Module):
             mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
             return attn_lib.dense_attention(q, k, v, mask)
         return attn_lib.blockwise_attention(q, k, v, positions, positions, segment_ids, segment_ids, chunk=chunk,
-                                            sliding_window=cfg.sliding_window, q_chunk=self._q_chunk(length, chunk))
+                                            sliding_window=cfg.sliding_window, q_chunk=self._q_chunk(q, chunk))
 
     def _on_cpu(self) -> bool:
         """Whether this runs on CPU devices with the sequence unsplit."""
@@ -327,10 +327,11 @@ class Attention(nn.Module):
         CPU_CHUNK blocks (see benchmarks/attention.py for the crossover)."""
         return length >= attn_lib.CPU_BLOCKWISE_MIN and not length % attn_lib.CPU_CHUNK and self._on_cpu()
 
-    def _q_chunk(self, length: int, chunk: int):
+    def _q_chunk(self, q_BxLxHxD, chunk: int):
         """Blockwise query rows per block: on CPU, those of `cpu_blocks` where they are a multiple of
-        `chunk` and divide `length` (fewer loop steps, same numbers); elsewhere `chunk` (None)."""
-        rows = attn_lib.cpu_blocks(length)[0]
+        `chunk` and divide the length (fewer loop steps, same numbers); elsewhere `chunk` (None)."""
+        b, length, h, _ = q_BxLxHxD.shape
+        rows = attn_lib.cpu_blocks(length, b * h)[0]
         return rows if rows > chunk and not rows % chunk and not length % rows and self._on_cpu() else None
 
     def _attend(self, q, k, v, positions, segment_ids):
@@ -338,7 +339,7 @@ class Attention(nn.Module):
         if cfg.attention == "dense" and self._cpu_blockwise(q.shape[1]):
             # Same numbers (to float32 rounding) as dense; on XLA:CPU the [B,H,L,L] scores of dense are
             # memory-bound passes while `cpu_blocks` blocks stay in cache and skip fully masked pairs.
-            rows, keys = attn_lib.cpu_blocks(q.shape[1])
+            rows, keys = attn_lib.cpu_blocks(q.shape[1], q.shape[0] * q.shape[2])
             return attn_lib.blockwise_attention(
                 q, k, v, positions, positions, segment_ids, segment_ids,
                 chunk=keys, sliding_window=cfg.sliding_window, q_chunk=rows,
@@ -350,7 +351,7 @@ class Attention(nn.Module):
             return attn_lib.blockwise_attention(
                 q, k, v, positions, positions, segment_ids, segment_ids,
                 chunk=cfg.attention_chunk, sliding_window=cfg.sliding_window,
-                q_chunk=self._q_chunk(q.shape[1], cfg.attention_chunk),
+                q_chunk=self._q_chunk(q, cfg.attention_chunk),
             )
         if cfg.attention == "ring":
             return attn_lib.ring_attention(

@@ -6,6 +6,7 @@ skipped. The block kernels here are also what the ring folds in at every step.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,21 +15,27 @@ from jax import lax
 from longrope_jax.attention.dense import attention_mask, group_heads
 
 NEG = -1e30  # online-softmax running max before any key is seen
-# XLA:CPU: blocks of 128 keep a block's [K, G, 128, 128] scores in L2 and beat dense attention from 256
-# tokens up (measured on a 2-core Xeon; see README, CPU attention). The model's `dense` uses them there.
+# XLA:CPU: the model's `dense` runs as blockwise attention from 256 tokens up, where the length is a
+# multiple of CPU_CHUNK (measured on a 2-core Xeon; see README, CPU attention).
 CPU_CHUNK = 128
 CPU_BLOCKWISE_MIN = 256
+CPU_BLOCK_SCORES = 1 << 20  # score elements per block over (batch, heads): ~4 MiB of fp32
+CPU_MAX_CHUNKS = 16  # chunks per axis, above which loop steps cost more than cache misses
 FULL, PARTIAL, EMPTY = 0, 1, 2  # kinds of (query chunk, key chunk) pairs, in visiting order
 
 
-def cpu_blocks(length: int) -> tuple[int, int]:
-    """(query rows, keys) per block for CPU attention, by measurement on a 2-core Xeon (see README, CPU
-    attention): 512 x 512 from 8k tokens (fewest loop steps; SmolLM2's forward and backward both fastest
-    there); 128 x 128 below, where batches are larger and the [K, G, 128, 128] score blocks stay in L2
-    (the tiny model's fwd+bwd at 256 tokens, batch 16: 48 ms against 96 ms with 256 x 128)."""
-    if length >= 8192 and length % 512 == 0:
-        return 512, 512
-    return CPU_CHUNK, CPU_CHUNK
+def cpu_blocks(length: int, rows: int = 1) -> tuple[int, int]:
+    """(query rows, keys) per block for CPU attention over `rows` = batch x query heads, chosen by
+    measurement on a 2-core Xeon (see README, CPU attention): square power-of-two blocks of about
+    CPU_BLOCK_SCORES scores over all rows, at least length / CPU_MAX_CHUNKS, from CPU_CHUNK to 512,
+    dividing the length. That is 128 for the tiny model (16 x 4 rows, 256 tokens), 256 for 2 x 8 rows
+    at 1024 tokens and for SmolLM2 (9 heads) at 4k, 512 for SmolLM2 at 8k and 16k."""
+    by_cache = 2 ** round(math.log2(math.sqrt(CPU_BLOCK_SCORES / max(rows, 1))))
+    by_steps = 2 ** math.ceil(math.log2(max(length // CPU_MAX_CHUNKS, 1)))
+    c = min(max(by_cache, by_steps, CPU_CHUNK), 512)
+    while c > CPU_CHUNK and length % c:
+        c //= 2
+    return c, c
 
 
 def chunk_size(length: int, chunk: int) -> int:

@@ -10,7 +10,7 @@ import pytest
 
 from longrope_jax import attention as attn
 from longrope_jax.sharding.rules import DEFAULT_RULES
-from longrope_jax.attention.blockwise import block_schedule
+from longrope_jax.attention.blockwise import CPU_CHUNK, block_schedule, cpu_blocks
 from tests.attention.inputs import RTOL, assert_same_as_dense, dense_ref, packed_inputs, rel
 
 
@@ -104,3 +104,17 @@ def test_no_quadratic_buffers_under_a_differentiated_layer_scan(impl):
         kernel = lambda x, pos, seg: attn.ring_attention(x, x, x, pos, seg, mesh=mesh, rules=DEFAULT_RULES, chunk=CHUNK_SCAN)
     # Linear: per-layer residuals [layers, B, L, H, D] (2 * 2 * L * H * D); quadratic: B * H * L * L per score tensor.
     assert _largest(_layer_scan_grad(kernel)) < 2 * H_SCAN * L_SCAN * L_SCAN // 4
+
+
+@pytest.mark.parametrize("length", [256, 384, 1024, 1152, 4096, 8192, 16384, 65536])
+@pytest.mark.parametrize("rows", [1, 9, 16, 64, 4096])
+def test_cpu_blocks_are_square_powers_of_two_that_divide_the_length(length, rows):
+    q_rows, keys = cpu_blocks(length, rows)
+    assert q_rows == keys and keys & (keys - 1) == 0 and CPU_CHUNK <= keys <= 512 and not length % keys
+
+
+def test_cpu_blocks_take_the_measured_sizes():
+    assert cpu_blocks(256, 16 * 4) == (128, 128)  # the tiny model's training batch
+    assert cpu_blocks(1024, 2 * 8) == (256, 256)  # the ~58M benchmark model
+    assert cpu_blocks(4096, 9) == (256, 256)  # SmolLM2-135M, batch 1
+    assert cpu_blocks(8192, 9) == cpu_blocks(16384, 9) == (512, 512)
