@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 
 from longrope_jax import attention as attn_lib
-from longrope_jax.model import Llama, rules_of
+from longrope_jax.model import Llama, flat_tokens, rules_of
 
 
 def next_token_targets(tokens_BxL, segment_ids_BxL):
@@ -70,7 +70,7 @@ def chunked_token_nll(hidden_BxLxE, head_ExV, targets_BxL, *, chunk: int, shards
 
     The length splits as (shards, chunks, chunk), so each scan step takes one chunk from every shard and
     no device holds more than [B, chunk, V] logits (recomputed in the backward, not stored). `flat`: see
-    `_head_nll` (only without a mesh, whose rules name the batch and length axes)."""
+    `_head_nll` (`model.flat_tokens`: a multi-device mesh's rules name the batch and length axes)."""
     b, length, e = hidden_BxLxE.shape
     local = length // shards
     if local <= chunk:
@@ -99,7 +99,8 @@ def masked_nll(model: Llama, params, batch, targets_BxL, mask_BxL, *, rope_scali
     hidden_BxLxE = model.apply({"params": params}, tokens, positions=positions, segment_ids=segments,
                                rope_scaling=rope_scaling, balanced=shards > 1, hidden=True)
     nll_BxL = chunked_token_nll(hidden_BxLxE, head_matrix(model.config, params), targets_BxL,
-                                chunk=model.config.loss_chunk, shards=length_shards(model), flat=model.mesh is None)
+                                chunk=model.config.loss_chunk, shards=length_shards(model),
+                                flat=flat_tokens(model.mesh))
     return jnp.where(mask_BxL, nll_BxL, 0.0)
 
 

@@ -208,16 +208,22 @@ def _constrain(module, x, names):
     return nn.with_logical_constraint(x, names, rules=rules_of(module), mesh=module.mesh)
 
 
+def flat_tokens(mesh) -> bool:
+    """Whether projections, the MLP and the loss head run on [B*L, E] rows: without a mesh or on a
+    one-device mesh. XLA:CPU computes a weight gradient contracted over one token axis as a plain
+    matmul, but over (B, L) it first copies the cotangent into a transposed layout: a third of the tiny
+    model's backward. A multi-device mesh keeps (B, L) for the sharding rules."""
+    return mesh is None or mesh.devices.size == 1
+
+
 def _tokens(module, x_BxLxF):
-    """`x` as [B*L, F] without a mesh, else unchanged. XLA:CPU computes a weight gradient contracted over
-    one token axis as a plain matmul, but over (B, L) it first copies the cotangent into a transposed
-    layout: a third of the tiny model's backward. A mesh keeps (B, L) for the sharding rules."""
-    return x_BxLxF.reshape(-1, *x_BxLxF.shape[2:]) if module.mesh is None else x_BxLxF
+    """`x` as [B*L, ...] where `flat_tokens`, else unchanged."""
+    return x_BxLxF.reshape(-1, *x_BxLxF.shape[2:]) if flat_tokens(module.mesh) else x_BxLxF
 
 
 def _untokens(module, x_TxF, like_BxLxE):
     """`_tokens`' inverse: [B*L, ...] back to the [B, L, ...] of `like`."""
-    return x_TxF.reshape(*like_BxLxE.shape[:2], *x_TxF.shape[1:]) if module.mesh is None else x_TxF
+    return x_TxF.reshape(*like_BxLxE.shape[:2], *x_TxF.shape[1:]) if flat_tokens(module.mesh) else x_TxF
 
 
 def _init(config: LlamaConfig, names: tuple[str, ...], init=None):
@@ -377,10 +383,12 @@ class MLP(nn.Module):
                 kernel_init=_init(cfg, names), bias_init=_init(cfg, names[1:], nn.initializers.zeros), name=name,
             )
 
-        x_TxE = _tokens(self, x_BxLxE)  # T = B*L without a mesh, else (B, L)
+        x_TxE = _tokens(self, x_BxLxE)  # T = B*L where `flat_tokens`, else (B, L)
         gate_TxM = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x_TxE)
         up_TxM = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x_TxE)
-        h_TxM = _constrain(self, nn.silu(gate_TxM) * up_TxM, ("batch", "length", "mlp"))
+        h_TxM = nn.silu(gate_TxM) * up_TxM
+        if not flat_tokens(self.mesh):
+            h_TxM = _constrain(self, h_TxM, ("batch", "length", "mlp"))
         out_TxE = dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(h_TxM)
         return _untokens(self, out_TxE, x_BxLxE)
 
