@@ -26,13 +26,15 @@ FULL, PARTIAL, EMPTY = 0, 1, 2  # kinds of (query chunk, key chunk) pairs, in vi
 
 def cpu_blocks(length: int, rows: int = 1) -> tuple[int, int]:
     """(query rows, keys) per block for CPU attention over `rows` = batch x query heads, chosen by
-    measurement on a 2-core Xeon (see README, CPU attention): square power-of-two blocks of about
-    CPU_BLOCK_SCORES scores over all rows, at least length / CPU_MAX_CHUNKS, from CPU_CHUNK to 512,
-    dividing the length. That is 128 for the tiny model (16 x 4 rows, 256 tokens), 256 for 2 x 8 rows
-    at 1024 tokens and for SmolLM2 (9 heads) at 4k, 512 for SmolLM2 at 8k and 16k."""
-    by_cache = 2 ** round(math.log2(math.sqrt(CPU_BLOCK_SCORES / max(rows, 1))))
+    measurement on a 2-core Xeon (see README, CPU attention): the largest square power-of-two blocks
+    of at most CPU_BLOCK_SCORES scores over all rows, but at least length / CPU_MAX_CHUNKS; at most
+    half the length (so causal blocks are skipped), from CPU_CHUNK to 512, dividing the length. That
+    is 128 for the tiny model (16 x 4 rows, 256 tokens), 256 for 2 x 8 rows at 1024 tokens and for
+    SmolLM2 (9 heads) at 4k, 512 for SmolLM2 at 8k and 16k."""
+    by_cache = 2 ** math.floor(math.log2(math.sqrt(CPU_BLOCK_SCORES / max(rows, 1))))
     by_steps = 2 ** math.ceil(math.log2(max(length // CPU_MAX_CHUNKS, 1)))
-    c = min(max(by_cache, by_steps, CPU_CHUNK), 512)
+    half = 2 ** math.floor(math.log2(max(length // 2, 1)))
+    c = max(min(max(by_cache, by_steps), 512, half), CPU_CHUNK)
     while c > CPU_CHUNK and length % c:
         c //= 2
     return c, c

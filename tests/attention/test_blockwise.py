@@ -115,6 +115,8 @@ def test_cpu_blocks_are_square_powers_of_two_that_divide_the_length(length, rows
 
 def test_cpu_blocks_take_the_measured_sizes():
     assert cpu_blocks(256, 16 * 4) == (128, 128)  # the tiny model's training batch
+    assert cpu_blocks(256, 4 * 4) == (128, 128)  # two chunks at least, so causal blocks are skipped
+    assert cpu_blocks(512, 8 * 4) == (128, 128)  # the demo's evaluation batch at 512 tokens
     assert cpu_blocks(1024, 2 * 8) == (256, 256)  # the ~58M benchmark model
     assert cpu_blocks(4096, 9) == (256, 256)  # SmolLM2-135M, batch 1
     assert cpu_blocks(8192, 9) == cpu_blocks(16384, 9) == (512, 512)
