@@ -316,6 +316,9 @@ class Attention(nn.Module):
             return attn_lib.ring_attention(q, k, v, positions, segment_ids, mesh=self.mesh, rules=rules_of(self),
                                            chunk=chunk, sliding_window=cfg.sliding_window, zigzag=False,
                                            block_kernel=cfg.ring_blocks)
+        if self._cpu_kernel(q, k):
+            return attn_lib.flash_attention(q, k, v, positions, positions, segment_ids, segment_ids,
+                                            sliding_window=cfg.sliding_window)
         if cfg.attention == "dense" or (length > chunk and length % chunk):
             mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
             return attn_lib.dense_attention(q, k, v, mask)
@@ -327,6 +330,12 @@ class Attention(nn.Module):
         if self.mesh is None:
             return jax.default_backend() == "cpu"
         return self.mesh.devices.flat[0].platform == "cpu" and attn_lib.seq_shards(self.mesh, rules_of(self)) == 1
+
+    def _cpu_kernel(self, q, k) -> bool:
+        """Whether `dense` and `blockwise` run as the CPU flash kernel (attention/cpu_kernel.py): on one
+        CPU device, in float32, at shapes it takes, once it has been built. Same numbers to rounding."""
+        return (self.config.attention in ("dense", "blockwise") and flat_tokens(self.mesh) and self._on_cpu()
+                and attn_lib.cpu_kernel.supports(q, k))
 
     def _cpu_blockwise(self, length: int) -> bool:
         """Whether `dense` runs as CPU-sized blockwise attention: on CPU, at a length that splits into
@@ -342,6 +351,9 @@ class Attention(nn.Module):
 
     def _attend(self, q, k, v, positions, segment_ids):
         cfg = self.config
+        if self._cpu_kernel(q, k):
+            return attn_lib.flash_attention(q, k, v, positions, positions, segment_ids, segment_ids,
+                                            sliding_window=cfg.sliding_window)
         if cfg.attention == "dense" and self._cpu_blockwise(q.shape[1]):
             # Same numbers (to float32 rounding) as dense; on XLA:CPU the [B,H,L,L] scores of dense are
             # memory-bound passes while `cpu_blocks` blocks stay in cache and skip fully masked pairs.

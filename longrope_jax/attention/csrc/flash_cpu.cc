@@ -16,6 +16,10 @@
 #include <mutex>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -58,6 +62,10 @@ inline vf vexp(vf x) {
   return x < lo ? vf{} : out;
 }
 
+#ifdef __AVX512F__
+inline float hmax(vf v) { return _mm512_reduce_max_ps(__m512(v)); }
+inline float hsum(vf v) { return _mm512_reduce_add_ps(__m512(v)); }
+#else
 inline float hmax(vf v) {
   float m = v[0];
   for (int i = 1; i < W; ++i) m = std::max(m, v[i]);
@@ -68,6 +76,7 @@ inline float hsum(vf v) {
   for (int i = 0; i < W; ++i) s += v[i];
   return s;
 }
+#endif
 
 // C[R][16*JV] (+)= A[R][n] . B[n][16*JV]: one register tile (R x JV vectors of accumulators).
 // Every product of attention takes this form: scores = q . k^T with k packed transposed, out += p . v,
@@ -222,21 +231,29 @@ int workers_for(ffi::ThreadPool& pool, int64_t tasks) {
 
 constexpr int kRowTile = 12;  // forward: query rows whose scores are made, softmaxed and used at once
 
-// One task: G heads x bq queries of (batch b, kv head kh) against every visible key block.
-void forward_task(const Dims& s, const float* q, const float* k, const float* v, float* o, float* lse, int64_t t) {
-  const int64_t D = s.D, nqb = (s.L + s.bq - 1) / s.bq, nkb = (s.S + s.bk - 1) / s.bk;
+// k^T in key blocks, [B][K][key block][D][keys of the block]: each block's q . k^T operand is
+// contiguous (k^T rows of a whole sequence would sit a power of two apart and collide in cache).
+void pack_keys(const Dims& s, const float* k, float* kt, int64_t t) {
+  const int64_t D = s.D, nkb = (s.S + s.bk - 1) / s.bk;
+  const int64_t b = t / (s.K * nkb), kh = (t / nkb) % s.K, j0 = (t % nkb) * s.bk;
+  const int nj = int(std::min<int64_t>(s.bk, s.S - j0));
+  float* dst = kt + t * D * s.bk;
+  for (int j = 0; j < nj; ++j) {
+    const float* src = k + ((b * s.S + j0 + j) * s.K + kh) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d * nj + j] = src[d];
+  }
+}
+
+// One task: G heads x bq queries of (batch b, kv head kh) against every visible key block. q, v are
+// read in place (rows H*D and K*D apart); scores stay unscaled until the exponent, s * scale - m.
+void forward_task(const Dims& s, const float* q, const float* kt, const float* v, float* o, float* lse,
+                  int64_t t) {
+  const int64_t D = s.D, HD = s.H * D, nqb = (s.L + s.bq - 1) / s.bq, nkb = (s.S + s.bk - 1) / s.bk;
   const int64_t b = t / (s.K * nqb), kh = (t / nqb) % s.K, i0 = (t % nqb) * s.bq;
   const int ni = int(std::min<int64_t>(s.bq, s.L - i0)), rows = int(s.G) * ni;
   const int32_t *qpos = s.qpos + b * s.L + i0, *qseg = s.qseg + b * s.L + i0;
-  Scratch qs(size_t(rows) * D), acc(size_t(rows) * D, true), kt(size_t(D) * s.bk), vb(size_t(s.bk) * D),
-      sc(size_t(kRowTile) * s.bk);
-  std::vector<float> m(rows, -1e30f), l(rows, 0.0f);
-  for (int g = 0; g < s.G; ++g)
-    for (int i = 0; i < ni; ++i) {
-      const float* src = q + ((b * s.L + i0 + i) * s.H + kh * s.G + g) * D;
-      float* dst = qs.data() + (size_t(g) * ni + i) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * s.scale;
-    }
+  Scratch acc(size_t(rows) * D, true), sc(size_t(kRowTile) * s.bk), l(size_t(rows) * W, true);  // l: 16 partial sums a row
+  std::vector<float> m(rows, -1e30f);
   const Bounds qb = bounds(qpos, qseg, ni);
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int64_t j0 = kb * s.bk;
@@ -244,47 +261,45 @@ void forward_task(const Dims& s, const float* q, const float* k, const float* v,
     const int32_t *kpos = s.kpos + b * s.S + j0, *kseg = s.kseg + b * s.S + j0;
     const Kind kd = kind(s, qb, bounds(kpos, kseg, nj));
     if (kd == kEmpty) continue;
-    for (int j = 0; j < nj; ++j) {
-      const float* ks = k + ((b * s.S + j0 + j) * s.K + kh) * D;
-      for (int64_t d = 0; d < D; ++d) kt[size_t(d) * nj + j] = ks[d];
-      std::memcpy(vb.data() + size_t(j) * D, v + ((b * s.S + j0 + j) * s.K + kh) * D, sizeof(float) * D);
-    }
-    for (int r0 = 0; r0 < rows; r0 += kRowTile) {
-      const int R = std::min(kRowTile, rows - r0);
-      gemm<false>(R, nj, int(D), qs.data() + size_t(r0) * D, D, kt.data(), nj, sc.data(), nj);
-      for (int r = 0; r < R; ++r) {
-        float* row = sc.data() + size_t(r) * nj;
-        if (kd == kPartial) {
-          const int i = (r0 + r) % ni;
+    const float* ktb = kt + ((b * s.K + kh) * nkb + kb) * D * s.bk;
+    const float* vb = v + ((b * s.S + j0) * s.K + kh) * D;
+    for (int g = 0; g < s.G; ++g) {
+      const float* qg = q + ((b * s.L + i0) * s.H + kh * s.G + g) * D;
+      for (int i0r = 0; i0r < ni; i0r += kRowTile) {
+        const int R = std::min(kRowTile, ni - i0r);
+        gemm<false>(R, nj, int(D), qg + i0r * HD, HD, ktb, nj, sc.data(), nj);
+        for (int r = 0; r < R; ++r) {
+          const int i = i0r + r, row_at = g * ni + i;
+          float* row = sc.data() + size_t(r) * nj;
+          if (kd == kPartial)
+            for (int j = 0; j < nj; j += W)
+              store(row + j, visible(s, qpos[i], qseg[i], kpos + j, kseg + j) ? load(row + j) : splat(-INFINITY));
+          vf mx = splat(-INFINITY);
+          for (int j = 0; j < nj; j += W) { vf x = load(row + j); mx = x > mx ? x : mx; }
+          const float m_old = m[row_at], m_new = std::max(m_old, hmax(mx) * s.scale);
+          vf sum = {};
           for (int j = 0; j < nj; j += W) {
-            const vi ok = visible(s, qpos[i], qseg[i], kpos + j, kseg + j);
-            store(row + j, ok ? load(row + j) : splat(-INFINITY));
+            vf p = vexp(load(row + j) * s.scale - m_new);
+            store(row + j, p);
+            sum += p;
+          }
+          const float corr = std::exp(m_old - m_new);
+          m[row_at] = m_new;
+          float* lr = l.data() + size_t(row_at) * W;
+          store(lr, load(lr) * corr + sum);
+          if (corr != 1.0f) {
+            float* a = acc.data() + size_t(row_at) * D;
+            for (int64_t d = 0; d < D; d += W) store(a + d, load(a + d) * corr);
           }
         }
-        vf mx = splat(-INFINITY);
-        for (int j = 0; j < nj; j += W) { vf x = load(row + j); mx = x > mx ? x : mx; }
-        const float m_old = m[r0 + r], m_new = std::max(m_old, hmax(mx));
-        vf sum = {};
-        for (int j = 0; j < nj; j += W) {
-          vf p = vexp(load(row + j) - m_new);
-          store(row + j, p);
-          sum += p;
-        }
-        const float corr = std::exp(m_old - m_new);
-        m[r0 + r] = m_new;
-        l[r0 + r] = l[r0 + r] * corr + hsum(sum);
-        if (corr != 1.0f) {
-          float* a = acc.data() + size_t(r0 + r) * D;
-          for (int64_t d = 0; d < D; d += W) store(a + d, load(a + d) * corr);
-        }
+        gemm<true>(R, int(D), nj, sc.data(), nj, vb, s.K * D, acc.data() + size_t(g * ni + i0r) * D, D);
       }
-      gemm<true>(R, int(D), nj, sc.data(), nj, vb.data(), D, acc.data() + size_t(r0) * D, D);
     }
   }
   for (int g = 0; g < s.G; ++g)
     for (int i = 0; i < ni; ++i) {
       const int r = g * ni + i;
-      const float l_safe = l[r] == 0.0f ? 1.0f : l[r], inv = 1.0f / l_safe;
+      const float l_r = hsum(load(l.data() + size_t(r) * W)), l_safe = l_r == 0.0f ? 1.0f : l_r, inv = 1.0f / l_safe;
       const int64_t h = kh * s.G + g;
       float* dst = o + ((b * s.L + i0 + i) * s.H + h) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = acc[size_t(r) * D + d] * inv;
@@ -293,22 +308,21 @@ void forward_task(const Dims& s, const float* q, const float* k, const float* v,
 }
 
 // One task: bk keys of (batch b, kv head kh) against every query block (of all G heads) that sees
-// them. dk, dv are the task's own; dq goes to the worker's buffer (summed by the caller). Scores
-// are held transposed (keys as rows), so dv and dk are plain products; dq takes dS transposed back.
+// them. dk, dv are the task's own; dq goes to the worker's buffer (summed by the caller). q, k, dO
+// are read in place; the transposed products (dv += P^T dO, dk += dS^T q) read P, dS as stored.
 void backward_task(const Dims& s, const float* q, const float* k, const float* v, const float* dout,
                    const float* lse, const float* delta, float* dq, float* dk, float* dv, int64_t t) {
-  const int64_t D = s.D, nqb = (s.L + s.bq - 1) / s.bq, nkb = (s.S + s.bk - 1) / s.bk;
+  const int64_t D = s.D, HD = s.H * D, nqb = (s.L + s.bq - 1) / s.bq, nkb = (s.S + s.bk - 1) / s.bk;
   const int64_t b = t / (s.K * nkb), kh = (t / nkb) % s.K, j0 = (t % nkb) * s.bk;
   const int nj = int(std::min<int64_t>(s.bk, s.S - j0));
   const int32_t *kpos = s.kpos + b * s.S + j0, *kseg = s.kseg + b * s.S + j0;
   const Bounds kbnd = bounds(kpos, kseg, nj);
-  Scratch kr(size_t(nj) * D), kt(size_t(D) * nj), vt(size_t(D) * nj), dkb(size_t(nj) * D, true),
-      dvb(size_t(nj) * D, true);
-  Scratch qs(size_t(s.bq) * D), dor(size_t(s.bq) * D), ds(size_t(s.bq) * nj), dpt(size_t(s.bq) * nj);
+  const float* kb = k + ((b * s.S + j0) * s.K + kh) * D;
+  Scratch kt(size_t(D) * nj), vt(size_t(D) * nj), dkb(size_t(nj) * D, true), dvb(size_t(nj) * D, true),
+      ds(size_t(s.bq) * nj), pb(size_t(s.bq) * nj);
   for (int j = 0; j < nj; ++j) {
-    const float* ks = k + ((b * s.S + j0 + j) * s.K + kh) * D;
+    const float* ks = kb + j * s.K * D;
     const float* vs = v + ((b * s.S + j0 + j) * s.K + kh) * D;
-    std::memcpy(kr.data() + size_t(j) * D, ks, sizeof(float) * D);
     for (int64_t d = 0; d < D; ++d) {
       kt[size_t(d) * nj + j] = ks[d];
       vt[size_t(d) * nj + j] = vs[d];
@@ -322,40 +336,39 @@ void backward_task(const Dims& s, const float* q, const float* k, const float* v
     if (kd == kEmpty) continue;
     for (int g = 0; g < s.G; ++g) {
       const int64_t h = kh * s.G + g;
-      for (int i = 0; i < ni; ++i) {
-        const size_t at = ((b * s.L + i0 + i) * s.H + h) * D;
-        for (int64_t d = 0; d < D; ++d) qs[size_t(i) * D + d] = q[at + d] * s.scale;
-        std::memcpy(dor.data() + size_t(i) * D, dout + at, sizeof(float) * D);
-      }
+      const size_t at = ((b * s.L + i0) * s.H + h) * D;
       const float* lse_q = lse + (b * s.H + h) * s.L + i0;
       const float* delta_q = delta + (b * s.H + h) * s.L + i0;
-      gemm<false>(ni, nj, int(D), qs.data(), D, kt.data(), nj, ds.data(), nj);   // S = q k^T
-      gemm<false>(ni, nj, int(D), dor.data(), D, vt.data(), nj, dpt.data(), nj); // dP = dO v^T
+      gemm<false>(ni, nj, int(D), q + at, HD, kt.data(), nj, ds.data(), nj);     // q k^T
+      gemm<false>(ni, nj, int(D), dout + at, HD, vt.data(), nj, pb.data(), nj);  // dP = dO v^T
       for (int i = 0; i < ni; ++i) {
         float* srow = ds.data() + size_t(i) * nj;
-        float* dprow = dpt.data() + size_t(i) * nj;
+        float* prow = pb.data() + size_t(i) * nj;
         const float lse_i = lse_q[i], delta_i = delta_q[i];
         for (int j = 0; j < nj; j += W) {
-          vf p = vexp(load(srow + j) - lse_i);
+          vf p = vexp(load(srow + j) * s.scale - lse_i);
           if (kd == kPartial) p = visible(s, qpos[i], qseg[i], kpos + j, kseg + j) ? p : vf{};
-          store(srow + j, p * (load(dprow + j) - delta_i));  // dS
-          store(dprow + j, p);                               // P
+          store(srow + j, p * (load(prow + j) - delta_i));  // dS (of the scaled scores)
+          store(prow + j, p);                               // P
         }
       }
-      gemm<true>(ni, int(D), nj, ds.data(), nj, kr.data(), D, dq + ((b * s.L + i0) * s.H + h) * D, s.H * D);
-      gemm<true, true>(nj, int(D), ni, dpt.data(), nj, dor.data(), D, dvb.data(), D);  // dv += P^T dO
-      gemm<true, true>(nj, int(D), ni, ds.data(), nj, qs.data(), D, dkb.data(), D);    // dk += dS^T (scale q)
+      gemm<true>(ni, int(D), nj, ds.data(), nj, kb, s.K * D, dq + at, HD);              // dq += dS k
+      gemm<true, true>(nj, int(D), ni, pb.data(), nj, dout + at, HD, dvb.data(), D);     // dv += P^T dO
+      gemm<true, true>(nj, int(D), ni, ds.data(), nj, q + at, HD, dkb.data(), D);        // dk += dS^T q
     }
   }
   for (int j = 0; j < nj; ++j) {
-    std::memcpy(dk + ((b * s.S + j0 + j) * s.K + kh) * D, dkb.data() + size_t(j) * D, sizeof(float) * D);
+    float* dks = dk + ((b * s.S + j0 + j) * s.K + kh) * D;
+    for (int64_t d = 0; d < D; ++d) dks[d] = dkb[size_t(j) * D + d] * s.scale;
     std::memcpy(dv + ((b * s.S + j0 + j) * s.K + kh) * D, dvb.data() + size_t(j) * D, sizeof(float) * D);
   }
 }
 
 void forward(ffi::ThreadPool& pool, const Dims& s, const float* q, const float* k, const float* v, float* o, float* lse) {
-  const int64_t tasks = s.B * s.K * ((s.L + s.bq - 1) / s.bq);
-  parallel_for(pool, tasks, workers_for(pool, tasks), [&](int64_t t, int) { forward_task(s, q, k, v, o, lse, t); });
+  const int64_t key_blocks = s.B * s.K * ((s.S + s.bk - 1) / s.bk), tasks = s.B * s.K * ((s.L + s.bq - 1) / s.bq);
+  Scratch kt(size_t(key_blocks) * s.D * s.bk);
+  parallel_for(pool, key_blocks, workers_for(pool, key_blocks), [&](int64_t t, int) { pack_keys(s, k, kt.data(), t); });
+  parallel_for(pool, tasks, workers_for(pool, tasks), [&](int64_t t, int) { forward_task(s, q, kt.data(), v, o, lse, t); });
 }
 
 void backward(ffi::ThreadPool& pool, const Dims& s, const float* q, const float* k, const float* v, const float* o,
