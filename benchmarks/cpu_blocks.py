@@ -1,9 +1,11 @@
-"""Block sizes of CPU blockwise attention against torch SDPA on the same shapes: the sweep behind
-`attention.cpu_blocks`.
+"""CPU attention against torch SDPA on the same shapes: the C++ kernel (`flash_attention`, what the
+model runs on one CPU device) and XLA blockwise attention at each block size (the sweep behind
+`attention.cpu_blocks`, the fallback where the kernel cannot run).
 
 For each shape (batch, length, heads, kv heads, head_dim) it times one causal attention layer,
-forward or forward + backward (d(sum(o^2))/d(q, k, v)), with square blocks of 64 to 512 tokens and
-torch's `scaled_dot_product_attention` (causal, GQA) on the same tensors, in one process. The sides
+forward or forward + backward (d(sum(o^2))/d(q, k, v)): the kernel (`kernel`), blockwise with square
+blocks of 64 to 512 tokens, and torch's `scaled_dot_product_attention` (causal, GQA) on the same
+tensors, in one process. The sides
 alternate round by round and each reports its median, so load from other processes falls on all alike.
 Each line printed is one JSON object; `chosen` is what `cpu_blocks` picks for that shape.
 
@@ -40,17 +42,23 @@ def sweep(b: int, length: int, heads: int, kv_heads: int, head_dim: int, mode: s
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
                for s in ((b, length, heads, head_dim), (b, length, kv_heads, head_dim), (b, length, kv_heads, head_dim)))
-    pos = jnp.broadcast_to(jnp.arange(length), (b, length))
+    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     seg = jnp.ones((b, length), jnp.int32)
 
-    def program(block: int):
+    def program(block: int | None):
         def attend(q, k, v):
+            if block is None:
+                return attn.flash_attention(q, k, v, pos, pos, seg, seg)
             return attn.blockwise_attention(q, k, v, pos, pos, seg, seg, chunk=block, q_chunk=block)
         if mode == "grad":
             return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) ** 2), argnums=(0, 1, 2)))
         return jax.jit(attend)
 
     runs = {}
+    if attn.cpu_kernel.supports(q, k):
+        fn = program(None)
+        jax.block_until_ready(fn(q, k, v))
+        runs["kernel"] = lambda fn=fn: jax.block_until_ready(fn(q, k, v))
     for block in BLOCKS:
         if block <= length and not length % block:
             fn = program(block)
