@@ -12,6 +12,7 @@ dynamic NTK) the caller must recompute the cache (generate.py does).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -226,6 +227,21 @@ def _untokens(module, x_TxF, like_BxLxE):
     return x_TxF.reshape(*like_BxLxE.shape[:2], *x_TxF.shape[1:]) if flat_tokens(module.mesh) else x_TxF
 
 
+def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`lax.dot_general` of lhs's trailing axes with rhs's leading ones (no batch axes) as one 2-D matmul:
+    the [E, H, D] kernels of the attention projections seen as [E, H*D] (and [H*D, E]). On XLA:CPU the
+    3-D contraction's weight gradient goes through a transposing copy of the cotangent; this does not."""
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
+    n = len(lhs_c)
+    if lhs_b or rhs_b or tuple(lhs_c) != tuple(range(lhs.ndim - n, lhs.ndim)) or tuple(rhs_c) != tuple(range(n)):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    k = math.prod(rhs.shape[:n])
+    out = jax.lax.dot_general(lhs.reshape(-1, k), rhs.reshape(k, -1), (((1,), (0,)), ((), ())), precision=precision,
+                              preferred_element_type=preferred_element_type)
+    return out.reshape(lhs.shape[:lhs.ndim - n] + rhs.shape[n:])
+
+
 def _init(config: LlamaConfig, names: tuple[str, ...], init=None):
     init = init or nn.initializers.normal(config.initializer_range)
     return nn.with_logical_partitioning(init, names)
@@ -258,12 +274,13 @@ class Attention(nn.Module):
         h, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
         x_TxE = _tokens(self, x_BxLxE)
+        dot = flat_dot_general if flat_tokens(self.mesh) else None  # None: DenseGeneral's own
 
         def proj(name, heads, axis):
             return nn.DenseGeneral(
                 (heads, d), use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                 kernel_init=_init(cfg, ("embed", axis, "head_dim")),
-                bias_init=_init(cfg, (axis, "head_dim"), nn.initializers.zeros), name=name,
+                bias_init=_init(cfg, (axis, "head_dim"), nn.initializers.zeros), dot_general=dot, name=name,
             )(x_TxE)
 
         q_BxLxHxD = apply_rotary(_untokens(self, proj("q_proj", h, "heads"), x_BxLxE), cos, sin)
@@ -283,7 +300,7 @@ class Attention(nn.Module):
         out_BxLxE = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias, dtype=cfg.jnp_dtype,
             param_dtype=cfg.jnp_param_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
-            bias_init=_init(cfg, ("embed",), nn.initializers.zeros), name="o_proj",
+            bias_init=_init(cfg, ("embed",), nn.initializers.zeros), dot_general=dot, name="o_proj",
         )(_tokens(self, o_BxLxHxD))
         out_BxLxE = _untokens(self, out_BxLxE, x_BxLxE)
         if kv is None:
