@@ -373,30 +373,35 @@ void forward(ffi::ThreadPool& pool, const Dims& s, const float* q, const float* 
 
 void backward(ffi::ThreadPool& pool, const Dims& s, const float* q, const float* k, const float* v, const float* o,
               const float* dout, const float* lse, float* dq, float* dk, float* dv) {
-  const int64_t D = s.D;
-  const size_t n = size_t(s.B * s.L * s.H) * D;
-  std::vector<float> delta(size_t(s.B * s.H * s.L));
-  for (int64_t b = 0; b < s.B; ++b)
-    for (int64_t i = 0; i < s.L; ++i)
-      for (int64_t h = 0; h < s.H; ++h) {
-        const size_t at = ((b * s.L + i) * s.H + h) * D;
-        float acc = 0;
-        for (int64_t d = 0; d < D; ++d) acc += dout[at + d] * o[at + d];
-        delta[(b * s.H + h) * s.L + i] = acc;
-      }
-  const int64_t tasks = s.B * s.K * ((s.S + s.bk - 1) / s.bk);
+  const int64_t D = s.D, rows = s.B * s.L * s.H;
+  const size_t n = size_t(rows) * D;
+  constexpr int64_t kRows = 1024;  // rows of dO, O and dq per task of the passes before and after
+  const int64_t row_tasks = (rows + kRows - 1) / kRows, tasks = s.B * s.K * ((s.S + s.bk - 1) / s.bk);
   const int workers = workers_for(pool, tasks);
-  std::fill(dq, dq + n, 0.0f);
-  std::vector<std::unique_ptr<Scratch>> extra;
-  for (int w = 1; w < workers; ++w) extra.push_back(std::make_unique<Scratch>(n, true));
+  std::vector<float> delta(static_cast<size_t>(rows));  // rowsum(dO * O), [B][H][L]
+  std::vector<std::unique_ptr<Scratch>> extra;  // dq of workers 1.. (worker 0 accumulates into dq)
+  for (int w = 1; w < workers; ++w) extra.push_back(std::make_unique<Scratch>(n));
+  parallel_for(pool, row_tasks, workers_for(pool, row_tasks), [&](int64_t t, int) {
+    for (int64_t r = t * kRows; r < std::min(rows, (t + 1) * kRows); ++r) {  // r = (b * L + i) * H + h
+      const int64_t b = r / (s.L * s.H), i = (r / s.H) % s.L, h = r % s.H;
+      vf acc = {};
+      for (int64_t d = 0; d < D; d += W) acc += load(dout + r * D + d) * load(o + r * D + d);
+      delta[size_t((b * s.H + h) * s.L + i)] = hsum(acc);
+      std::memset(dq + r * D, 0, sizeof(float) * D);
+      for (auto& e : extra) std::memset(e->data() + r * D, 0, sizeof(float) * D);
+    }
+  });
   parallel_for(pool, tasks, workers, [&](int64_t t, int w) {
     backward_task(s, q, k, v, dout, lse, delta.data(), w ? extra[w - 1]->data() : dq, dk, dv, t);
   });
-  for (size_t i = 0; i < n; ++i) {
-    float x = dq[i];
-    for (auto& e : extra) x += (*e)[i];
-    dq[i] = x * s.scale;
-  }
+  parallel_for(pool, row_tasks, workers_for(pool, row_tasks), [&](int64_t t, int) {
+    const size_t end = std::min(n, size_t((t + 1) * kRows * D));
+    for (size_t i = size_t(t * kRows * D); i < end; i += W) {
+      vf x = load(dq + i);
+      for (auto& e : extra) x += load(e->data() + i);
+      store(dq + i, x * s.scale);
+    }
+  });
 }
 
 ffi::Error check(const Dims& s) {
