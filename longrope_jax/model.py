@@ -274,7 +274,7 @@ class Attention(nn.Module):
         h, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
         x_TxE = _tokens(self, x_BxLxE)
-        dot = flat_dot_general if flat_tokens(self.mesh) else None  # None: DenseGeneral's own
+        dot = flat_dot_general if flat_tokens(self.mesh) and self._on_cpu() else None  # None: DenseGeneral's own
 
         def proj(name, heads, axis):
             return nn.DenseGeneral(

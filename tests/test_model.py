@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from longrope_jax.io.hf import load_hf
-from longrope_jax.model import Llama, LlamaConfig, init_params
+from longrope_jax.model import Llama, LlamaConfig, flat_dot_general, init_params
 from longrope_jax.rope import RopeScaling
 
 VOCAB, MAX_POS, ORIG = 97, 64, 32
@@ -276,3 +276,18 @@ def test_static_ntk_model_matches_transformers_at_the_exported_theta(tmp_path):
     assert config.to_hf()["rope_theta"] == pytest.approx(exported["rope_theta"])
     tokens = tokens_of(48)
     assert_close(Llama(config).apply({"params": params}, jnp.asarray(tokens)), hf_logits(model, tokens))
+
+
+@pytest.mark.parametrize("lhs_shape, rhs_shape, dims", [
+    ((12, 32), (32, 4, 8), (((1,), (0,)), ((), ()))),  # q/k/v projection: [T, E] x [E, H, D]
+    ((12, 4, 8), (4, 8, 32), (((1, 2), (0, 1)), ((), ()))),  # o_proj: [T, H, D] x [H, D, E]
+    ((2, 6, 32), (32, 16), (((2,), (0,)), ((), ()))),  # leading token axes kept
+    ((3, 5, 7), (3, 7, 2), (((2,), (1,)), ((0,), (0,)))),  # batch axes: handed to lax.dot_general
+])
+def test_flat_dot_general_equals_dot_general(lhs_shape, rhs_shape, dims):
+    rng = np.random.default_rng(0)
+    lhs, rhs = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (lhs_shape, rhs_shape))
+    want = jax.lax.dot_general(lhs, rhs, dims)
+    got = flat_dot_general(lhs, rhs, dims)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from longrope_jax import attention as attn
-from longrope_jax.attention import cpu_kernel
+from longrope_jax.attention import cpu_build, cpu_kernel
 from tests.attention.inputs import RTOL, assert_same_as_dense, packed_inputs, rel
 
-pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernel: {cpu_kernel.unavailable()}")
+pytestmark = pytest.mark.skipif(not cpu_build.available(), reason=f"CPU kernel: {cpu_build.unavailable()}")
 
 
 def flash(pos, seg, window=None):
@@ -93,14 +93,14 @@ def test_flash_rejects_what_it_does_not_take(change, message):
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("LONGROPE_JAX_CPU_KERNEL", "0")
     q, k, *_ = packed_inputs(length=64, docs=(64,))
-    assert cpu_kernel.unavailable() == "turned off by LONGROPE_JAX_CPU_KERNEL=0"
+    assert cpu_build.unavailable() == "turned off by LONGROPE_JAX_CPU_KERNEL=0"
     assert not cpu_kernel.supports(q, k)
 
 
 def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(RuntimeError, match="flash_cpu: no C\\+\\+ compiler"):
-        cpu_kernel.build(tmp_path)
+        cpu_build.build(tmp_path)
     assert not list(tmp_path.iterdir())
 
 
@@ -112,13 +112,13 @@ def test_a_failed_build_leaves_nothing_behind(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(fake))
     out = tmp_path / "kernels"
     with pytest.raises(RuntimeError, match="fake compiler error"):
-        cpu_kernel.build(out)
+        cpu_build.build(out)
     assert not list(out.iterdir())
 
 
 def test_the_built_library_is_reused():
-    first = cpu_kernel.build()
-    assert first.exists() and cpu_kernel.build() == first
+    first = cpu_build.build()
+    assert first.exists() and cpu_build.build() == first
 
 
 def test_the_model_attends_with_the_kernel_on_cpu(monkeypatch):
