@@ -274,7 +274,7 @@ class Attention(nn.Module):
         h, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
         x_TxE = _tokens(self, x_BxLxE)
-        dot = flat_dot_general if flat_tokens(self.mesh) and self._on_cpu() else None  # None: DenseGeneral's own
+        dot = flat_dot_general if self._one_cpu_device() else None  # None: DenseGeneral's own
 
         def proj(name, heads, axis):
             return nn.DenseGeneral(
@@ -333,9 +333,8 @@ class Attention(nn.Module):
             return attn_lib.ring_attention(q, k, v, positions, segment_ids, mesh=self.mesh, rules=rules_of(self),
                                            chunk=chunk, sliding_window=cfg.sliding_window, zigzag=False,
                                            block_kernel=cfg.ring_blocks)
-        if self._cpu_kernel(q, k):
-            return attn_lib.flash_attention(q, k, v, positions, positions, segment_ids, segment_ids,
-                                            sliding_window=cfg.sliding_window)
+        if (o := self._cpu_flash(q, k, v, positions, segment_ids)) is not None:
+            return o
         if cfg.attention == "dense" or (length > chunk and length % chunk):
             mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
             return attn_lib.dense_attention(q, k, v, mask)
@@ -348,11 +347,25 @@ class Attention(nn.Module):
             return jax.default_backend() == "cpu"
         return self.mesh.devices.flat[0].platform == "cpu" and attn_lib.seq_shards(self.mesh, rules_of(self)) == 1
 
-    def _cpu_kernel(self, q, k) -> bool:
-        """Whether `dense` and `blockwise` run as the CPU flash kernel (attention/cpu_kernel.py): on one
-        CPU device, in float32, at shapes it takes, once it has been built. Same numbers to rounding."""
-        return (self.config.attention in ("dense", "blockwise") and flat_tokens(self.mesh) and self._on_cpu()
-                and attn_lib.cpu_kernel.supports(q, k))
+    def _one_cpu_device(self) -> bool:
+        """Whether this runs on one CPU device (no mesh, or a one-device mesh): where the C++ attention
+        kernel and the 2-D projections apply."""
+        return flat_tokens(self.mesh) and self._on_cpu()
+
+    def _cpu_flash(self, q, k, v, positions, segment_ids):
+        """`dense` and `blockwise` attention as the CPU flash kernel (attention/cpu_kernel.py) on one CPU
+        device, in float32, at shapes it takes, once built (same numbers to rounding); else None."""
+        if self.config.attention not in ("dense", "blockwise") or not self._one_cpu_device():
+            return None
+        if not attn_lib.cpu_kernel.supports(q, k):
+            return None
+        return attn_lib.flash_attention(q, k, v, positions, positions, segment_ids, segment_ids,
+                                        sliding_window=self.config.sliding_window)
+
+    def _cpu_block(self, q_BxLxHxD) -> int:
+        """`cpu_blocks`' square block size for these queries (rows = batch x query heads)."""
+        b, length, h, _ = q_BxLxHxD.shape
+        return attn_lib.cpu_blocks(length, b * h)[0]
 
     def _cpu_blockwise(self, length: int) -> bool:
         """Whether `dense` runs as CPU-sized blockwise attention: on CPU, at a length that splits into
@@ -362,22 +375,20 @@ class Attention(nn.Module):
     def _q_chunk(self, q_BxLxHxD, chunk: int):
         """Blockwise query rows per block: on CPU, those of `cpu_blocks` where they are a multiple of
         `chunk` and divide the length (fewer loop steps, same numbers); elsewhere `chunk` (None)."""
-        b, length, h, _ = q_BxLxHxD.shape
-        rows = attn_lib.cpu_blocks(length, b * h)[0]
+        length, rows = q_BxLxHxD.shape[1], self._cpu_block(q_BxLxHxD)
         return rows if rows > chunk and not rows % chunk and not length % rows and self._on_cpu() else None
 
     def _attend(self, q, k, v, positions, segment_ids):
         cfg = self.config
-        if self._cpu_kernel(q, k):
-            return attn_lib.flash_attention(q, k, v, positions, positions, segment_ids, segment_ids,
-                                            sliding_window=cfg.sliding_window)
+        if (o := self._cpu_flash(q, k, v, positions, segment_ids)) is not None:
+            return o
         if cfg.attention == "dense" and self._cpu_blockwise(q.shape[1]):
             # Same numbers (to float32 rounding) as dense; on XLA:CPU the [B,H,L,L] scores of dense are
             # memory-bound passes while `cpu_blocks` blocks stay in cache and skip fully masked pairs.
-            rows, keys = attn_lib.cpu_blocks(q.shape[1], q.shape[0] * q.shape[2])
+            block = self._cpu_block(q)
             return attn_lib.blockwise_attention(
                 q, k, v, positions, positions, segment_ids, segment_ids,
-                chunk=keys, sliding_window=cfg.sliding_window, q_chunk=rows,
+                chunk=block, sliding_window=cfg.sliding_window, q_chunk=block,
             )
         if cfg.attention == "dense":
             mask = attn_lib.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
