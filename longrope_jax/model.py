@@ -217,6 +217,19 @@ def flat_tokens(mesh) -> bool:
     return mesh is None or mesh.devices.size == 1
 
 
+def _on_cpu(module) -> bool:
+    """Whether `module` runs on CPU devices with the sequence unsplit."""
+    if module.mesh is None:
+        return jax.default_backend() == "cpu"
+    return module.mesh.devices.flat[0].platform == "cpu" and attn_lib.seq_shards(module.mesh, rules_of(module)) == 1
+
+
+def _one_cpu_device(module) -> bool:
+    """Whether `module` runs on one CPU device (no mesh, or a one-device mesh): where the C++ kernels
+    (attention/cpu_kernel.py) and the 2-D projections apply."""
+    return flat_tokens(module.mesh) and _on_cpu(module)
+
+
 def _tokens(module, x_BxLxF):
     """`x` as [B*L, ...] where `flat_tokens`, else unchanged."""
     return x_BxLxF.reshape(-1, *x_BxLxF.shape[2:]) if flat_tokens(module.mesh) else x_BxLxF
@@ -274,7 +287,7 @@ class Attention(nn.Module):
         h, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
         x_TxE = _tokens(self, x_BxLxE)
-        dot = flat_dot_general if self._one_cpu_device() else None  # None: DenseGeneral's own
+        dot = flat_dot_general if _one_cpu_device(self) else None  # None: DenseGeneral's own
 
         def proj(name, heads, axis):
             return nn.DenseGeneral(
@@ -341,21 +354,10 @@ class Attention(nn.Module):
         return attn_lib.blockwise_attention(q, k, v, positions, positions, segment_ids, segment_ids, chunk=chunk,
                                             sliding_window=cfg.sliding_window, q_chunk=self._q_chunk(q, chunk))
 
-    def _on_cpu(self) -> bool:
-        """Whether this runs on CPU devices with the sequence unsplit."""
-        if self.mesh is None:
-            return jax.default_backend() == "cpu"
-        return self.mesh.devices.flat[0].platform == "cpu" and attn_lib.seq_shards(self.mesh, rules_of(self)) == 1
-
-    def _one_cpu_device(self) -> bool:
-        """Whether this runs on one CPU device (no mesh, or a one-device mesh): where the C++ attention
-        kernel and the 2-D projections apply."""
-        return flat_tokens(self.mesh) and self._on_cpu()
-
     def _cpu_flash(self, q, k, v, positions, segment_ids):
         """`dense` and `blockwise` attention as the CPU flash kernel (attention/cpu_kernel.py) on one CPU
         device, in float32, at shapes it takes, once built (same numbers to rounding); else None."""
-        if self.config.attention not in ("dense", "blockwise") or not self._one_cpu_device():
+        if self.config.attention not in ("dense", "blockwise") or not _one_cpu_device(self):
             return None
         if not attn_lib.cpu_kernel.supports(q, k):
             return None
@@ -370,13 +372,13 @@ class Attention(nn.Module):
     def _cpu_blockwise(self, length: int) -> bool:
         """Whether `dense` runs as CPU-sized blockwise attention: on CPU, at a length that splits into
         CPU_CHUNK blocks (see benchmarks/attention.py for the crossover)."""
-        return length >= attn_lib.CPU_BLOCKWISE_MIN and not length % attn_lib.CPU_CHUNK and self._on_cpu()
+        return length >= attn_lib.CPU_BLOCKWISE_MIN and not length % attn_lib.CPU_CHUNK and _on_cpu(self)
 
     def _q_chunk(self, q_BxLxHxD, chunk: int):
         """Blockwise query rows per block: on CPU, those of `cpu_blocks` where they are a multiple of
         `chunk` and divide the length (fewer loop steps, same numbers); elsewhere `chunk` (None)."""
         length, rows = q_BxLxHxD.shape[1], self._cpu_block(q_BxLxHxD)
-        return rows if rows > chunk and not rows % chunk and not length % rows and self._on_cpu() else None
+        return rows if rows > chunk and not rows % chunk and not length % rows and _on_cpu(self) else None
 
     def _attend(self, q, k, v, positions, segment_ids):
         cfg = self.config
@@ -533,6 +535,9 @@ class Llama(nn.Module):
             head_dim=cfg.head_dim, theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
             segment_ids=segment_ids_BxL if cfg.mixed_window and cache is None else None,
         )
+        if _one_cpu_device(self) and attn_lib.cpu_kernel.available():
+            # Otherwise XLA:CPU fuses cos/sin into each rotary consumer and evaluates them once per head.
+            cos, sin = attn_lib.cpu_kernel.materialize(cos), attn_lib.cpu_kernel.materialize(sin)
 
         block = DecoderLayer
         if cfg.remat_policy != "none":

@@ -22,7 +22,8 @@ import jax
 
 SOURCE = Path(__file__).with_name("csrc") / "flash_cpu.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
-_TARGETS = {"longrope_flash_fwd": "LongropeFlashForward", "longrope_flash_bwd": "LongropeFlashBackward"}
+_TARGETS = {"longrope_flash_fwd": "LongropeFlashForward", "longrope_flash_bwd": "LongropeFlashBackward",
+            "longrope_materialize": "LongropeMaterialize"}
 log = logging.getLogger(__name__)
 
 

@@ -3,7 +3,7 @@ custom VJP.
 
 Same numbers as `dense_attention` (float32, to rounding) and the same mask rule. Where it cannot run
 (not built, not float32, a head size or length it does not take), `supports` says so and the model
-keeps the XLA path.
+keeps the XLA path. `materialize` is the library's other op: a copy XLA:CPU cannot fuse through.
 """
 
 from __future__ import annotations
@@ -80,3 +80,19 @@ def flash_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, q_pos, k_pos, q_seg, k_seg,
         raise ValueError(f"flash_attention: {problem}")
     ints = [jnp.asarray(x, jnp.int32) for x in (q_pos, k_pos, q_seg, k_seg)]
     return _flash(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, *ints, sliding_window)
+
+
+@jax.custom_jvp
+def materialize(x: jax.Array) -> jax.Array:
+    """`x`, computed into a buffer of its own by the kernel library (a copy). XLA:CPU cannot fuse through
+    a custom call, so an expensive producer that every consumer would recompute (the rotary cos/sin,
+    once per head otherwise) is evaluated once. Check `available()` first."""
+    if problem := unavailable():
+        raise ValueError(f"materialize: {problem}")
+    return jax.ffi.ffi_call("longrope_materialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            vmap_method="broadcast_all")(x)
+
+
+@materialize.defjvp
+def _materialize_jvp(primals, tangents):
+    return materialize(primals[0]), tangents[0]

@@ -1,6 +1,6 @@
 """The C++ CPU flash-attention kernel against the dense reference (outputs and dQ/dK/dV): grouped
 heads, packed documents, sliding windows, permuted positions, blocks that straddle documents, queries
-that are a suffix of the keys; its input checks, its build, and the model's choice of it."""
+that are a suffix of the keys; its input checks, its build, and the model's choice of it; `materialize` and the model's single cos/sin."""
 
 import jax
 import jax.numpy as jnp
@@ -140,3 +140,32 @@ def test_the_model_attends_with_the_kernel_on_cpu(monkeypatch):
     assert rel(got, want) < 1e-5
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
         assert rel(g, w) < 1e-4
+
+
+def test_materialize_is_the_identity_under_jit_grad_and_vmap():
+    x = jax.random.normal(jax.random.key(0), (3, 5, 7))
+    f = jax.jit(lambda x: cpu_kernel.materialize(jnp.sin(x)) * 2)
+    np.testing.assert_array_equal(f(x), jax.jit(lambda x: jnp.sin(x) * 2)(x))
+    np.testing.assert_allclose(jax.grad(lambda x: f(x).sum())(x), 2 * jnp.cos(x), rtol=1e-6)
+    np.testing.assert_array_equal(jax.vmap(cpu_kernel.materialize)(x), x)
+    ints = jnp.arange(12, dtype=jnp.int32).reshape(3, 4)
+    np.testing.assert_array_equal(cpu_kernel.materialize(ints), ints)
+
+
+def test_the_model_evaluates_rope_cos_sin_once_on_cpu(monkeypatch):
+    # Without `materialize`, XLA:CPU fuses cos/sin into every rotary consumer (q and k, forward and
+    # backward, of every layer), each evaluating them once per head.
+    from longrope_jax.model import Llama, LlamaConfig, init_params
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jnp.zeros((2, 64), jnp.int32)
+
+    def cosines():  # a fresh jit each time: the patch below changes what is traced
+        grad = jax.jit(jax.grad(lambda p: jnp.mean(Llama(cfg).apply({"params": p}, tokens) ** 2)))
+        return grad.lower(params).compile().as_text().count(" cosine(")
+
+    assert cosines() == 1
+    monkeypatch.setattr(cpu_kernel, "materialize", lambda x: x)
+    assert cosines() > cfg.num_hidden_layers  # what it prevents

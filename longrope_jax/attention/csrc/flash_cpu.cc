@@ -445,7 +445,18 @@ ffi::Error FlashBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   return ffi::Error::Success();
 }
 
+// A copy into XLA's output buffer. XLA:CPU cannot fuse a custom call's producer into its consumers,
+// so e.g. the rotary cos/sin [B, L, d] are computed once instead of once per head in every consumer.
+ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out) {
+  if (x.size_bytes() != out->size_bytes()) return ffi::Error::InvalidArgument("materialize: size mismatch");
+  if (x.size_bytes()) std::memcpy(out->untyped_data(), x.untyped_data(), x.size_bytes());
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LongropeMaterialize, Materialize,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LongropeFlashForward, FlashForward,
                               ffi::Ffi::Bind()
