@@ -4,8 +4,8 @@ Same config, same batch, same optimizer settings, one process, this CPU. FLOPs a
 way: 6 * N * T for the matmuls (embedding gather excluded) plus causal attention
 3 * layers * 4 * B * S^2 * H * D / 2. Peak is this machine's measured float32 matmul rate (the best
 of jax and torch on a 4096^3 matmul), so "fraction of peak" is an MFU analogue for this CPU. The two
-sides alternate step by step and each reports its median step, so load from other processes on a shared
-CPU falls on both alike.
+sides alternate in blocks of steps and each reports its median step, so load from other processes on a
+shared CPU falls on both alike.
 
     python benchmarks/train_step.py [--sizes tiny,50m] [--steps 5]
 """
@@ -57,6 +57,22 @@ def matmul_peak(n: int = 4096) -> float:
     return max(jax_rate, torch_rate)
 
 
+def alternate(a, b, steps: int, block: int = 4) -> tuple[list[float], list[float]]:
+    """Times of `steps` calls of each, in alternating blocks of `block` + 1 calls whose first is not timed.
+    Alternating spreads load from other processes on a shared CPU over both sides; whole blocks, because
+    the first step after the other framework's ran slower (by up to a quarter for jax at ~58M, measured),
+    its caches and thread pools still warm from the other side."""
+    times: tuple[list[float], list[float]] = ([], [])
+    while len(times[1]) < steps:
+        for f, out in zip((a, b), times):
+            f()
+            for _ in range(min(block, steps - len(out))):
+                start = time.perf_counter()
+                f()
+                out.append(time.perf_counter() - start)
+    return times
+
+
 def flops_per_step(cfg: dict, n_params: int, embed_params: int) -> float:
     tokens = cfg["batch"] * cfg["seq"]
     attention = 3 * cfg["num_hidden_layers"] * 4 * cfg["batch"] * cfg["seq"] ** 2 * (
@@ -97,17 +113,12 @@ def bench(name: str, steps: int, peak: float) -> dict:
 
     torch_step()
 
-    # Interleaved, one step of each at a time, median of each: load from other processes on a shared
-    # CPU then falls on both sides alike instead of on whichever ran second.
-    jax_times, torch_times = [], []
-    for _ in range(steps):
-        start = time.perf_counter()
+    def jax_step():
+        nonlocal state
         state, m = step(state, batch_j)
         jax.block_until_ready(m)
-        jax_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        torch_step()
-        torch_times.append(time.perf_counter() - start)
+
+    jax_times, torch_times = alternate(jax_step, torch_step, steps)
     jax_s, torch_s = float(np.median(jax_times)), float(np.median(torch_times))
 
     n_params = sum(x.size for x in jax.tree.leaves(params))
