@@ -2,7 +2,8 @@
 first use, cached per source, jaxlib, compiler and CPU, loaded and registered with XLA's FFI.
 
 LONGROPE_JAX_CPU_KERNEL=0 turns it off; CXX picks the compiler; LONGROPE_JAX_CACHE (else
-$XDG_CACHE_HOME/longrope_jax, else ~/.cache/longrope_jax) holds the built library.
+$XDG_CACHE_HOME/longrope_jax, else ~/.cache/longrope_jax) holds the built library; where that cannot be
+written, a directory under the system's temporary directory does.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
+def _writable(d: Path) -> bool:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(d, os.W_OK)
+
+
 def build(out_dir: Path | None = None) -> Path:
     """Compile the kernel (once per source, jaxlib, compiler and CPU) and return the shared library's path.
     Written to a temporary file and renamed, so concurrent builders never see half a library."""
@@ -54,8 +63,15 @@ def build(out_dir: Path | None = None) -> Path:
         raise RuntimeError(f"flash_cpu: no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.lib.__version__, version, _cpu_signature(), *FLAGS]).encode())
-    out_dir = out_dir or cache_dir()
-    lib = out_dir / f"flash_cpu-{key.hexdigest()[:16]}.so"
+    name = f"flash_cpu-{key.hexdigest()[:16]}.so"
+    if out_dir is None:
+        out_dir = cache_dir()
+        if not (out_dir / name).exists() and not _writable(out_dir):
+            fallback = Path(tempfile.gettempdir()) / f"longrope_jax-{os.getuid()}" / "kernels"
+            log.warning("kernel cache %s cannot be written (set LONGROPE_JAX_CACHE); building in %s",
+                        out_dir, fallback)
+            out_dir = fallback
+    lib = out_dir / name
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)

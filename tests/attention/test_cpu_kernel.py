@@ -1,6 +1,9 @@
 """The C++ CPU flash-attention kernel against the dense reference (outputs and dQ/dK/dV): grouped
 heads, packed documents, sliding windows, permuted positions, blocks that straddle documents, queries
-that are a suffix of the keys; its input checks, its build, and the model's choice of it; `materialize` and the model's single cos/sin."""
+that are a suffix of the keys; its input checks, its build, and the model's choice of it; `materialize`
+and the model's single cos/sin."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -169,3 +172,19 @@ def test_the_model_evaluates_rope_cos_sin_once_on_cpu(monkeypatch):
     assert cosines() == 1
     monkeypatch.setattr(cpu_kernel, "materialize", lambda x: x)
     assert cosines() > cfg.num_hidden_layers  # what it prevents
+
+
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path, caplog):
+    fake = tmp_path / "bin" / "c++"  # writes its -o file: the fallback is what is tested, not the compiler
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\necho built > "$2"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("LONGROPE_JAX_CACHE", str(blocked))
+    monkeypatch.setattr(cpu_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    lib = cpu_build.build()
+    assert lib.parent == tmp_path / "tmp" / f"longrope_jax-{os.getuid()}" / "kernels" and lib.read_text() == "built\n"
+    assert blocked.read_text() == "not a directory"
+    assert "cannot be written" in caplog.text and str(blocked) in caplog.text
