@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 
+import longrope_jax  # noqa: F401  first: keeps jax from probing for a TPU on a CPU host with libtpu
 import jax
 import jax.numpy as jnp
 import numpy as np

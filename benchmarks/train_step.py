@@ -20,6 +20,7 @@ import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
+import longrope_jax  # noqa: E402, F401  first: keeps jax from probing for a TPU on a CPU host with libtpu
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
