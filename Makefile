@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The end-to-end study (~11 min on 2 idle cores); re-running skips finished stages. DEMO_ARGS=--quick: ~3 min.
+# The end-to-end study (~5 min on 2 idle AMD EPYC cores, ~11 min on 2 Xeon cores); re-running skips finished stages. DEMO_ARGS=--quick: ~3 min.
 demo: install
 	$(PY) -m longrope_jax demo --workdir runs/demo $(DEMO_ARGS)
 
