@@ -61,8 +61,8 @@ def matmul_peak(n: int = 4096) -> float:
 def alternate(a, b, steps: int, block: int = 4) -> tuple[list[float], list[float]]:
     """Times of `steps` calls of each, in alternating blocks of `block` + 1 calls whose first is not timed.
     Alternating spreads load from other processes on a shared CPU over both sides; whole blocks, because
-    the first step after the other framework's ran slower (by up to a quarter for jax at ~58M, measured),
-    its caches and thread pools still warm from the other side."""
+    the first step after a switch ran slower (jax's ~58M step by ~25%, measured): the other side's
+    threads and caches were still busy."""
     times: tuple[list[float], list[float]] = ([], [])
     while len(times[1]) < steps:
         for f, out in zip((a, b), times):

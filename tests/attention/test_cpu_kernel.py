@@ -177,7 +177,7 @@ def test_the_model_evaluates_rope_cos_sin_once_on_cpu(monkeypatch):
 def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path, caplog):
     fake = tmp_path / "bin" / "c++"  # writes its -o file: the fallback is what is tested, not the compiler
     fake.parent.mkdir()
-    fake.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\necho built > "$2"\n')
+    fake.write_text('#!/bin/sh\nfor a; do [ "$prev" = "-o" ] && echo built > "$a"; prev=$a; done\nexit 0\n')
     fake.chmod(0o755)
     monkeypatch.setenv("CXX", str(fake))
     blocked = tmp_path / "a-file"
