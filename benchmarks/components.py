@@ -86,8 +86,7 @@ def rows(size: str) -> list[tuple[str, callable, callable]]:
 
     def rope(q, kk, pos):
         cos, sin = rope_cos_sin(cfg.rope_scaling, pos, head_dim=d, theta=cfg.rope_theta, max_position_embeddings=seq)
-        if cpu_kernel.available():  # as the model does on one CPU device
-            cos, sin = cpu_kernel.materialize(cos), cpu_kernel.materialize(sin)
+        cos, sin = cpu_kernel.materialize(cos), cpu_kernel.materialize(sin)  # as the model on one CPU device
         return apply_rotary(q, cos, sin), apply_rotary(kk, cos, sin)
 
     def rope_loss(q, kk, pos, cq, ck):

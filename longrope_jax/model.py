@@ -535,7 +535,7 @@ class Llama(nn.Module):
             head_dim=cfg.head_dim, theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
             segment_ids=segment_ids_BxL if cfg.mixed_window and cache is None else None,
         )
-        if _one_cpu_device(self) and attn_lib.cpu_kernel.available():
+        if _one_cpu_device(self):
             # Otherwise XLA:CPU fuses cos/sin into each rotary consumer and evaluates them once per head.
             cos, sin = attn_lib.cpu_kernel.materialize(cos), attn_lib.cpu_kernel.materialize(sin)
 

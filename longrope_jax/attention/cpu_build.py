@@ -1,5 +1,6 @@
-"""Building the CPU attention kernel (csrc/flash_cpu.cc): compiled with the system C++ compiler at
-first use, cached per source, jaxlib, compiler and CPU, loaded and registered with XLA's FFI.
+"""Building the CPU kernel library (csrc/flash_cpu.cc: flash attention and `materialize`): compiled with
+the system C++ compiler at first use, cached per source, jaxlib, compiler and CPU, loaded and registered
+with XLA's FFI.
 
 LONGROPE_JAX_CPU_KERNEL=0 turns it off; CXX picks the compiler; LONGROPE_JAX_CACHE (else
 $XDG_CACHE_HOME/longrope_jax, else ~/.cache/longrope_jax) holds the built library; where that cannot be

@@ -82,17 +82,20 @@ def flash_attention(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, q_pos, k_pos, q_seg, k_seg,
     return _flash(q_BxQxHxD, k_BxSxKxD, v_BxSxKxD, *ints, sliding_window)
 
 
-@jax.custom_jvp
 def materialize(x: jax.Array) -> jax.Array:
-    """`x`, computed into a buffer of its own by the kernel library (a copy). XLA:CPU cannot fuse through
-    a custom call, so an expensive producer that every consumer would recompute (the rotary cos/sin,
-    once per head otherwise) is evaluated once. Check `available()` first."""
-    if problem := unavailable():
-        raise ValueError(f"materialize: {problem}")
+    """`x`, copied into a buffer of its own by the kernel library; `x` itself where the library is not
+    available (same values either way). XLA:CPU cannot fuse through a custom call, so an expensive
+    producer that every consumer would recompute (the rotary cos/sin, once per head otherwise) is
+    evaluated once."""
+    return x if unavailable() else _copy(x)
+
+
+@jax.custom_jvp
+def _copy(x):
     return jax.ffi.ffi_call("longrope_materialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
                             vmap_method="broadcast_all")(x)
 
 
-@materialize.defjvp
-def _materialize_jvp(primals, tangents):
-    return materialize(primals[0]), tangents[0]
+@_copy.defjvp
+def _copy_jvp(primals, tangents):
+    return _copy(primals[0]), tangents[0]

@@ -155,6 +155,12 @@ def test_materialize_is_the_identity_under_jit_grad_and_vmap():
     np.testing.assert_array_equal(cpu_kernel.materialize(ints), ints)
 
 
+def test_materialize_without_the_library_is_x_itself(monkeypatch):
+    monkeypatch.setenv("LONGROPE_JAX_CPU_KERNEL", "0")
+    x = jnp.arange(6.0)
+    assert cpu_kernel.materialize(x) is x
+
+
 def test_the_model_evaluates_rope_cos_sin_once_on_cpu(monkeypatch):
     # Without `materialize`, XLA:CPU fuses cos/sin into every rotary consumer (q and k, forward and
     # backward, of every layer), each evaluating them once per head.
